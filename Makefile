@@ -1,0 +1,58 @@
+# fastdiff: two commands on a fresh machine.
+#   make demo   installs, then runs the demo (today: the GMM solver-error table)
+#   make test   installs the test extras, then runs the C++ and Python test suites
+# Everything goes into a virtual environment (.venv) that can see the system's packages, so an
+# already installed torch (e.g. a CUDA build) is kept; without one, torch==2.13.0 is installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+BUILD_DIR ?= build/cmake
+JOBS ?= 2
+
+.PHONY: demo test test-python test-cpp install bench bench-report clean help
+
+help:
+	@echo "make demo   - install and run the demo"
+	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests"
+	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
+	@echo "make clean  - remove build outputs and the virtual environment"
+
+$(VENV)/.created:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	@touch $@
+
+$(VENV)/.torch: $(VENV)/.created
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "using the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	else \
+	  $(PIP) install torch==2.13.0; \
+	fi
+	@touch $@
+
+install: $(VENV)/.torch
+	$(PIP) install --quiet "setuptools>=64" wheel "pybind11>=2.11"
+	$(PIP) install --no-build-isolation -e ".[test]"
+
+demo: install
+	$(PY) -m fastdiff.cli bench gmm
+
+test-cpp:
+	cmake -S . -B $(BUILD_DIR) -DFASTDIFF_BUILD_TESTS=ON -DFASTDIFF_BUILD_PYTHON=OFF > /dev/null
+	cmake --build $(BUILD_DIR) --parallel $(JOBS)
+	cd $(BUILD_DIR) && ctest --output-on-failure
+
+# pytest exits with 5 when it collects no tests; that is not a failure here.
+test-python:
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+
+test: install test-cpp test-python
+
+bench: install
+	mkdir -p bench/out
+	$(PY) -m pytest bench -q --benchmark-json=bench/out/cpu.json; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) bench/report.py bench/out/cpu.json --out bench/results
+
+clean:
+	rm -rf build $(VENV) python/fastdiff/*.so python/fastdiff/_build_info.py *.egg-info python/*.egg-info

@@ -1,0 +1,106 @@
+"""Turn pytest-benchmark JSON into markdown tables and PNG plots.
+
+    python bench/report.py bench/out/cpu.json [more.json ...] --out bench/results
+
+Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log scale) from the
+gmm-solver-quality group, and <out>/timings.md with every benchmark's timing statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load(paths: list[Path]) -> tuple[list[dict], dict]:
+    benchmarks, machine = [], {}
+    for path in paths:
+        doc = json.loads(path.read_text())
+        benchmarks.extend(doc.get("benchmarks", []))
+        machine = doc.get("machine_info", machine)
+    return benchmarks, machine
+
+
+def quality_rows(benchmarks: list[dict]) -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b.get("group") == "gmm-solver-quality"]
+
+
+def quality_table(rows: list[dict]) -> str:
+    from fastdiff.testing.quality import markdown_table
+
+    steps = tuple(sorted({r["steps"] for r in rows}))
+    return markdown_table(rows, steps)
+
+
+def quality_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = plt.cm.tab20.colors
+    for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+        points = sorted((r["nfe"], r["rel_error"]) for r in rows if r["label"] == label)
+        ax.plot(
+            [p[0] for p in points], [p[1] for p in points],
+            marker="os^D"[i % 4], markersize=3, color=colors[(2 * i) % 20 + (i // 10)],
+            linestyle="-" if i < 10 else "--", label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
+    ax.set_xlabel("model calls (NFE)")
+    ax.set_ylabel("relative RMS error vs exact ODE solution")
+    ax.set_title("Solver error on a 64-d Gaussian mixture (SD schedule)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def timing_table(benchmarks: list[dict]) -> str:
+    lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
+    for b in benchmarks:
+        s = b["stats"]
+        lines.append(f"| {b['name']} | {s['mean'] * 1e3:.3f} ms | {s['stddev'] * 1e3:.3f} ms | {s['rounds']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="output directory")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.json if not p.is_file()]
+    if missing:
+        print(f"report: no such benchmark JSON: {missing[0]}", file=sys.stderr)
+        return 2
+    benchmarks, machine = load(args.json)
+    args.out.mkdir(parents=True, exist_ok=True)
+    where = f"{machine.get('cpu', {}).get('brand_raw', 'unknown CPU')}, python {machine.get('python_version', '?')}"
+    rows = quality_rows(benchmarks)
+    if rows:
+        text = (
+            "# GMM solver quality\n\nRelative RMS error of each solver's result vs the exact probability-flow "
+            "ODE solution (64-d mixture of 8 Gaussians, SD scaled_linear schedule, ε model, trailing "
+            f"spacing, 64 samples). NFE in brackets where it differs from N. Machine: {where}.\n\n"
+            + quality_table(rows)
+            + "\n"
+        )
+        (args.out / "solver_quality.md").write_text(text)
+        quality_plot(rows, args.out / "solver_quality.png")
+        print(f"wrote {args.out / 'solver_quality.md'} and {args.out / 'solver_quality.png'}")
+    (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
+    print(f"wrote {args.out / 'timings.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

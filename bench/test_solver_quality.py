@@ -1,0 +1,37 @@
+"""GMM solver quality: error of every solver vs the exact ODE solution at N = 3..50 steps.
+
+The error is recorded in each benchmark's extra_info (rel_error, nfe); the timed part is what a
+user pays on the host to get a plan: building it and compiling its recurrent form.
+bench/report.py turns the JSON into bench/results/solver_quality.{md,png}.
+"""
+
+import pytest
+
+from fastdiff import solvers
+from fastdiff.recurrent import compile_plan
+from fastdiff.testing import quality
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return quality.default_problem()
+
+
+@pytest.mark.parametrize("steps", quality.GMM_STEPS, ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("label", list(quality.SOLVER_VARIANTS))
+def test_gmm_solver_error(benchmark, problem, label, steps):
+    row = quality.measure(problem, label, steps)
+    if row["rel_error"] is None:
+        pytest.skip(row["skipped"])
+    name, options = quality.SOLVER_VARIANTS[label]
+
+    def build_plan():
+        plan = solvers.build(name, problem.schedule, steps, **options)
+        return compile_plan(plan.coef)
+
+    benchmark.group = "gmm-solver-quality"
+    benchmark.extra_info.update(
+        {"label": label, "solver": name, "options": options, "steps": steps, "nfe": row["nfe"], "rel_error": row["rel_error"]}
+    )
+    program = benchmark.pedantic(build_plan, rounds=3, iterations=1)
+    benchmark.extra_info["peak_latents"] = program.peak_latents

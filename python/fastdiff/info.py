@@ -1,0 +1,90 @@
+"""Feature detection: what this installation can use, and for each missing piece, why not."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    available: bool
+    detail: str  # version or device when available, the reason when not
+
+
+def _extension() -> Feature:
+    try:
+        from . import _C  # noqa: F401
+    except ImportError as exc:
+        try:
+            from ._build_info import EXTENSION_STATUS
+        except ImportError:
+            EXTENSION_STATUS = "never built (running from a source tree without `pip install -e .`?)"
+        return Feature("C++ extension fastdiff._C", False, f"{EXTENSION_STATUS}; import failed: {exc}")
+    compiler = getattr(_C, "COMPILER", "unknown compiler")
+    return Feature("C++ extension fastdiff._C", True, f"built with {compiler}, plan format v{_C.PLAN_VERSION}")
+
+
+def _torch() -> tuple[Feature, Feature]:
+    try:
+        import torch
+    except ImportError as exc:
+        missing = Feature("torch", False, f"not importable: {exc}")
+        return missing, Feature("CUDA", False, "torch is missing")
+    version = Feature("torch", True, torch.__version__)
+    if torch.version.cuda is None:
+        return version, Feature("CUDA", False, f"torch {torch.__version__} is a CPU-only build")
+    if not torch.cuda.is_available():
+        return version, Feature("CUDA", False, f"torch built for CUDA {torch.version.cuda} but no GPU/driver is visible")
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return version, Feature("CUDA", True, f"CUDA {torch.version.cuda}: {names}")
+
+
+def _module(label: str, module: str, why_missing: str) -> Feature:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        return Feature(label, False, f"{why_missing} ({exc})")
+    return Feature(label, True, getattr(mod, "__version__", "importable"))
+
+
+def _nvml() -> Feature:
+    try:
+        import pynvml
+    except ImportError as exc:
+        return Feature("NVML (power/clock readings)", False, f"pip install nvidia-ml-py ({exc})")
+    try:
+        pynvml.nvmlInit()
+        count = pynvml.nvmlDeviceGetCount()
+        pynvml.nvmlShutdown()
+    except Exception as exc:  # NVMLError has many subclasses; all mean "not usable here"
+        return Feature("NVML (power/clock readings)", False, f"nvidia-ml-py installed but NVML failed: {exc}")
+    return Feature("NVML (power/clock readings)", True, f"{count} device(s)")
+
+
+def features() -> list[Feature]:
+    torch_feature, cuda = _torch()
+    triton = _module("Triton", "triton", "not installed (ships with CUDA builds of torch)")
+    if triton.available and not cuda.available:
+        triton = Feature("Triton", True, f"{triton.detail} (no GPU: kernels run only with TRITON_INTERPRET=1)")
+    return [
+        torch_feature,
+        cuda,
+        _extension(),
+        triton,
+        _module("TensorRT", "tensorrt", "not installed; NVIDIA's wheels download from outside PyPI"),
+        _nvml(),
+        _module("diffusers (interop, parity tests)", "diffusers", "pip install diffusers"),
+    ]
+
+
+def report() -> str:
+    from . import __version__
+
+    lines = [f"fastdiff {__version__} on Python {platform.python_version()} ({platform.machine()})"]
+    for f in features():
+        mark = "yes" if f.available else "no "
+        lines.append(f"  [{mark}] {f.name}: {f.detail}")
+    return "\n".join(lines)

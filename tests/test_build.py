@@ -1,0 +1,45 @@
+"""Packaging rules: setup.py never imports torch; the pure-Python package works without _C."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_setup_py_does_not_import_torch():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert "torch" not in imported
+
+
+def test_build_requirements_do_not_pull_torch():
+    text = (ROOT / "pyproject.toml").read_text()
+    requires = text.split("requires = [", 1)[1].split("]", 1)[0]
+    assert "torch" not in requires
+
+
+def test_package_works_without_the_extension():
+    script = """
+import sys
+sys.modules["fastdiff._C"] = None  # as if the extension were never built
+import torch
+from fastdiff import solvers
+from fastdiff.executor import run
+from fastdiff.info import features
+from fastdiff.schedules import PRESETS, DiscreteSchedule
+plan = solvers.build("dpmpp_2m", DiscreteSchedule.from_config(PRESETS["sd15"]), 5)
+out = run(plan, lambda x, t: torch.zeros_like(x), torch.ones(2, 4))
+ext = [f for f in features() if f.name.startswith("C++ extension")][0]
+assert not ext.available and "import failed" in ext.detail, ext
+print("ok", out.shape)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
