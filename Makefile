@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp install bench bench-report clean help
+.PHONY: demo test test-python test-cpp install torch bench clean help
 
 help:
 	@echo "make demo   - install and run the demo"
@@ -23,15 +23,14 @@ $(VENV)/.created:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	@touch $@
 
-$(VENV)/.torch: $(VENV)/.created
+torch: $(VENV)/.created
 	@if $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "using the installed torch $$($(PY) -c 'import torch; print(torch.__version__)')"; \
 	else \
 	  $(PIP) install torch==2.13.0; \
 	fi
-	@touch $@
 
-install: $(VENV)/.torch
+install: torch
 	$(PIP) install --quiet "setuptools>=64" wheel "pybind11>=2.11"
 	$(PIP) install --no-build-isolation -e ".[test]"
 

@@ -60,9 +60,7 @@ class CMakeBuild(build_ext):
         try:
             import pybind11
         except ImportError as exc:  # build isolation normally provides it (pyproject.toml)
-            raise RuntimeError(
-                "fastdiff: pybind11 is needed to build fastdiff._C: pip install pybind11"
-            ) from exc
+            raise RuntimeError("fastdiff: pybind11 is needed to build fastdiff._C: pip install pybind11") from exc
 
         ext_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
         build_temp = Path(self.build_temp).resolve() / "cmake"

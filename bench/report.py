@@ -39,7 +39,6 @@ def quality_plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
@@ -47,9 +46,13 @@ def quality_plot(rows: list[dict], path: Path) -> None:
     for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
         points = sorted((r["nfe"], r["rel_error"]) for r in rows if r["label"] == label)
         ax.plot(
-            [p[0] for p in points], [p[1] for p in points],
-            marker="os^D"[i % 4], markersize=3, color=colors[(2 * i) % 20 + (i // 10)],
-            linestyle="-" if i < 10 else "--", label=label,
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="os^D"[i % 4],
+            markersize=3,
+            color=colors[(2 * i) % 20 + (i // 10)],
+            linestyle="-" if i < 10 else "--",
+            label=label,
         )
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -31,7 +31,14 @@ def test_gmm_solver_error(benchmark, problem, label, steps):
 
     benchmark.group = "gmm-solver-quality"
     benchmark.extra_info.update(
-        {"label": label, "solver": name, "options": options, "steps": steps, "nfe": row["nfe"], "rel_error": row["rel_error"]}
+        {
+            "label": label,
+            "solver": name,
+            "options": options,
+            "steps": steps,
+            "nfe": row["nfe"],
+            "rel_error": row["rel_error"],
+        }
     )
     program = benchmark.pedantic(build_plan, rounds=3, iterations=1)
     benchmark.extra_info["peak_latents"] = program.peak_latents

@@ -11,8 +11,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_writes_json_and_report_renders_it(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_solver_quality.py"), "-q",
-        "-k", "N3 and (ddim or dpmpp_2m) and not karras", "-p", "no:cacheprovider",
+        sys.executable,
+        "-m",
+        "pytest",
+        str(ROOT / "bench" / "test_solver_quality.py"),
+        "-q",
+        "-k",
+        "N3 and (ddim or dpmpp_2m) and not karras",
+        "-p",
+        "no:cacheprovider",
         f"--benchmark-json={out}",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -24,7 +31,8 @@ def test_bench_writes_json_and_report_renders_it(tmp_path):
 
     report = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "report.py"), str(out), "--out", str(tmp_path / "results")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "results" / "solver_quality.md").read_text()

@@ -26,7 +26,18 @@ def test_solvers_lists_names_and_options(capsys):
 
 def test_plan_writes_a_loadable_file(tmp_path, capsys):
     path = tmp_path / "plan.json"
-    argv = ["plan", "dpmpp_2m", "--steps", "7", "--preset", "sd21", "--set", "use_karras_sigmas=true", "--out", str(path)]
+    argv = [
+        "plan",
+        "dpmpp_2m",
+        "--steps",
+        "7",
+        "--preset",
+        "sd21",
+        "--set",
+        "use_karras_sigmas=true",
+        "--out",
+        str(path),
+    ]
     assert main(argv) == 0
     plan = StepPlan.load(path)
     assert plan.nfe == 7 and plan.prediction_type == "v_prediction"

@@ -48,8 +48,10 @@ def test_the_loop_never_reads_device_data_back(sd_schedule, monkeypatch):
     x_T = odd_latents()
     expected = run(plan, model, x_T)  # warm: compiles the recurrent form
     for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+
         def refuse(self, *args, _name=method, **kwargs):
             raise HostSync(f"executor called Tensor.{_name}()")
+
         monkeypatch.setattr(torch.Tensor, method, refuse)
     result = run(plan, model, x_T)
     monkeypatch.undo()
@@ -147,7 +149,9 @@ def test_views_returned_by_the_model_are_not_written(sd_schedule):
 def test_bad_model_outputs_name_the_problem(sd_schedule):
     plan = solvers.build("ddim", sd_schedule, 4)
     x_T = odd_latents()
-    with pytest.raises(ModelOutputError, match=r"model call 0 returned shape \(3, 3, 5\) for an input of shape \(3, 3, 5, 7\)"):
+    with pytest.raises(
+        ModelOutputError, match=r"model call 0 returned shape \(3, 3, 5\) for an input of shape \(3, 3, 5, 7\)"
+    ):
         run(plan, lambda x, t: x[..., 0], x_T)
     with pytest.raises(ModelOutputError, match="returned tuple, expected a torch.Tensor"):
         run(plan, lambda x, t: (x,), x_T)

@@ -59,7 +59,13 @@ def test_denoiser_outputs_are_consistent_across_parametrisations(sd_schedule, pr
 def test_many_step_solvers_converge_to_the_exact_solution():
     problem = default_problem(dim=8, components=3, batch=8)
     errors = [
-        solver_error(solvers.build("deis", problem.schedule, n), problem.mixture, problem.schedule, problem.x_T, problem.reference)[0]
+        solver_error(
+            solvers.build("deis", problem.schedule, n),
+            problem.mixture,
+            problem.schedule,
+            problem.x_T,
+            problem.reference,
+        )[0]
         for n in (25, 100, 400)
     ]
     assert errors[0] > errors[1] > errors[2]

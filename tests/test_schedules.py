@@ -73,7 +73,10 @@ def test_times_outside_the_schedule_are_refused(sd_schedule):
         ({"prediction_type": "eps"}, "unknown prediction_type 'eps'"),
         ({"timestep_spacing": "uniform"}, "unknown timestep_spacing 'uniform'"),
         ({"num_train_timesteps": 1}, "num_train_timesteps must be an integer >= 2"),
-        ({"trained_betas": [0.1, 0.2], "num_train_timesteps": 3}, "trained_betas has 2 values but num_train_timesteps is 3"),
+        (
+            {"trained_betas": [0.1, 0.2], "num_train_timesteps": 3},
+            "trained_betas has 2 values but num_train_timesteps is 3",
+        ),
         ({"trained_betas": [0.1, 1.5]}, r"betas must lie in \(0, 1\); betas\[1\]"),
         ({"rescale_betas_zero_snr": True}, "zero terminal SNR"),
     ],
@@ -85,7 +88,9 @@ def test_bad_configs_name_the_problem(config, message):
 
 def test_from_file_reads_a_diffusers_scheduler_directory(tmp_path):
     (tmp_path / "scheduler").mkdir()
-    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps({**SD_CONFIG, "_class_name": "PNDMScheduler"}))
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SD_CONFIG, "_class_name": "PNDMScheduler"})
+    )
     sched = DiscreteSchedule.from_file(tmp_path)
     assert sched.fingerprint == DiscreteSchedule.from_config(SD_CONFIG).fingerprint
     assert sched.option("steps_offset", 0) == 1

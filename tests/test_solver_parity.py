@@ -109,7 +109,9 @@ def _cases():
         for pred in ("epsilon", "v_prediction"):
             for spacing in ("leading", "trailing", "linspace"):
                 for steps in (4, 7, 20):
-                    yield pytest.param(name, options, pred, spacing, steps, id=f"{name}-{options}-{pred}-{spacing}-{steps}")
+                    yield pytest.param(
+                        name, options, pred, spacing, steps, id=f"{name}-{options}-{pred}-{spacing}-{steps}"
+                    )
 
 
 @pytest.mark.parametrize("name, options, prediction_type, spacing, steps", list(_cases()))
@@ -167,7 +169,11 @@ def test_unipc_bh1_to_sigma_zero_is_finite_where_diffusers_gives_nan(diffusers, 
         ("ddim", {"eta": 0.5}, "stochastic"),
         ("euler", {"s_churn": 1.0}, "stochastic"),
         ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}, "stochastic"),
-        ("dpmpp_2m", {"algorithm_type": "dpmsolver"}, "final_sigmas_type='zero' needs algorithm_type='dpmsolver\\+\\+'"),
+        (
+            "dpmpp_2m",
+            {"algorithm_type": "dpmsolver"},
+            "final_sigmas_type='zero' needs algorithm_type='dpmsolver\\+\\+'",
+        ),
         ("dpmpp_2m", {"solver_order": 4}, "solver_order=4 is not supported"),
         ("dpmpp_2m", {"use_lu_lambdas": True}, "use_lu_lambdas=True is not supported"),
         ("unipc", {"predict_x0": False}, "predict_x0=False cannot step to σ = 0"),

@@ -107,11 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="a diffusers scheduler_config.json (or a model/scheduler directory)")
     src.add_argument(
-        "--preset", default="sd15", choices=["sd15", "sd21"],
+        "--preset",
+        default="sd15",
+        choices=["sd15", "sd21"],
         help="a built-in scheduler config when --config is not given (default: sd15)",
     )
     p.add_argument(
-        "--set", action="append", metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
         help="solver option, e.g. --set use_karras_sigmas=true (value parsed as JSON); repeatable",
     )
     p.add_argument("--out", help="write the plan to this file")

@@ -37,7 +37,9 @@ def _torch() -> tuple[Feature, Feature]:
     if torch.version.cuda is None:
         return version, Feature("CUDA", False, f"torch {torch.__version__} is a CPU-only build")
     if not torch.cuda.is_available():
-        return version, Feature("CUDA", False, f"torch built for CUDA {torch.version.cuda} but no GPU/driver is visible")
+        return version, Feature(
+            "CUDA", False, f"torch built for CUDA {torch.version.cuda} but no GPU/driver is visible"
+        )
     names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     return version, Feature("CUDA", True, f"CUDA {torch.version.cuda}: {names}")
 

@@ -149,8 +149,7 @@ class StepPlan:
             raise PlanError("coef[0][0] is 0: the first model input must depend on x_T", "first_row")
         if self.prediction_type not in PREDICTION_TYPES:
             raise PlanError(
-                f"unknown prediction_type '{self.prediction_type}': expected one of "
-                f"{', '.join(PREDICTION_TYPES)}",
+                f"unknown prediction_type '{self.prediction_type}': expected one of " f"{', '.join(PREDICTION_TYPES)}",
                 "prediction_type",
             )
         if self.num_train_timesteps is not None:
@@ -210,7 +209,7 @@ class StepPlan:
         head = json.dumps(d, indent=1, allow_nan=False)[:-2]
         rows = ",\n  ".join(json.dumps(row, allow_nan=False) for row in coef)
         meta = json.dumps(metadata, indent=1, sort_keys=True, allow_nan=False).replace("\n", "\n ")
-        return f"{head},\n \"coef\": [\n  {rows}\n ],\n \"metadata\": {meta}\n}}\n"
+        return f'{head},\n "coef": [\n  {rows}\n ],\n "metadata": {meta}\n}}\n'
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -235,21 +234,16 @@ class StepPlan:
             )
         if doc["format"] != PLAN_FORMAT:
             raise PlanError(
-                f"not a fastdiff StepPlan file: 'format' is {_describe(doc['format'])}, expected "
-                f"'{PLAN_FORMAT}'",
+                f"not a fastdiff StepPlan file: 'format' is {_describe(doc['format'])}, expected " f"'{PLAN_FORMAT}'",
                 "format",
             )
         if "version" not in doc:
-            raise PlanError(
-                f"plan file has no 'version' field (this fastdiff reads version {PLAN_VERSION})", "version"
-            )
+            raise PlanError(f"plan file has no 'version' field (this fastdiff reads version {PLAN_VERSION})", "version")
         version = doc["version"]
         if not _is_integer(version):
             raise PlanError(f"plan 'version' must be an integer, found {_describe(version)}", "version")
         if version != PLAN_VERSION:
-            raise PlanError(
-                f"unknown plan version {version}: this fastdiff reads version {PLAN_VERSION}", "version"
-            )
+            raise PlanError(f"unknown plan version {version}: this fastdiff reads version {PLAN_VERSION}", "version")
         for key in ("prediction_type", "times", "coef"):
             if key not in doc:
                 raise PlanError(f"plan field '{key}' is missing", "field")
@@ -297,9 +291,7 @@ class StepPlan:
         if n == 0:
             raise PlanError("plan has no model calls: 'times' is empty", "shape")
         if len(coef) != n + 1:
-            raise PlanError(
-                f"plan has {len(coef)} coef rows but {n} times (expected {n + 1} = times + 1)", "shape"
-            )
+            raise PlanError(f"plan has {len(coef)} coef rows but {n} times (expected {n + 1} = times + 1)", "shape")
         for i, row in enumerate(coef):
             if len(row) != n + 1:
                 raise PlanError(f"coef row {i} has {len(row)} entries, expected {n + 1}", "shape")

@@ -87,16 +87,11 @@ def diffusers_betas(
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     elif beta_schedule == "scaled_linear":
-        betas = (
-            torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32)
-            ** 2
-        )
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     elif beta_schedule == "squaredcos_cap_v2":
         values = []
         for i in range(num_train_timesteps):
-            ratio = _cosine_alpha_bar((i + 1) / num_train_timesteps) / _cosine_alpha_bar(
-                i / num_train_timesteps
-            )
+            ratio = _cosine_alpha_bar((i + 1) / num_train_timesteps) / _cosine_alpha_bar(i / num_train_timesteps)
             values.append(min(1 - ratio, 0.999))
         betas = torch.tensor(values, dtype=torch.float32)
     else:
@@ -185,12 +180,8 @@ class DiscreteSchedule:
                 f"{', '.join(BETA_SCHEDULES)} (or pass trained_betas)"
             )
         if cfg["trained_betas"] is not None and len(cfg["trained_betas"]) != n:
-            raise ScheduleError(
-                f"trained_betas has {len(cfg['trained_betas'])} values but num_train_timesteps is {n}"
-            )
-        betas32 = diffusers_betas(
-            n, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["trained_betas"]
-        )
+            raise ScheduleError(f"trained_betas has {len(cfg['trained_betas'])} values but num_train_timesteps is {n}")
+        betas32 = diffusers_betas(n, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["trained_betas"])
         return cls(
             betas32.astype(np.float64),
             cfg["prediction_type"],
@@ -272,9 +263,7 @@ class DiscreteSchedule:
         lo, hi = self.lambda_table[-1], self.lambda_table[0]
         bad = ~np.isfinite(lam) | (lam < lo) | (lam > hi)
         if np.any(bad):
-            raise ScheduleError(
-                f"log-SNR {lam[bad].flat[0]!r} is outside the schedule's range [{lo!r}, {hi!r}]"
-            )
+            raise ScheduleError(f"log-SNR {lam[bad].flat[0]!r} is outside the schedule's range [{lo!r}, {hi!r}]")
         # np.interp needs increasing x: λ decreases with t, so interpolate on the reversed table.
         return np.interp(lam, self.lambda_table[::-1], np.arange(self.num_train_timesteps)[::-1])
 

@@ -143,8 +143,7 @@ def check_steps(solver: str, steps: Any, schedule: DiscreteSchedule) -> int:
         raise SolverError(f"{solver}: steps must be >= 1, got {steps}")
     if steps > schedule.num_train_timesteps:
         raise SolverError(
-            f"{solver}: steps={steps} is more than the schedule's {schedule.num_train_timesteps} "
-            "training timesteps"
+            f"{solver}: steps={steps} is more than the schedule's {schedule.num_train_timesteps} " "training timesteps"
         )
     return steps
 
@@ -226,9 +225,7 @@ def resolve_options(
             f"({schedule.prediction_type!r}), it is not a solver option"
         )
     if unknown:
-        raise SolverError(
-            f"{solver}: unknown option {unknown[0]!r}; {solver} accepts: {', '.join(sorted(defaults))}"
-        )
+        raise SolverError(f"{solver}: unknown option {unknown[0]!r}; {solver} accepts: {', '.join(sorted(defaults))}")
     return {key: options.get(key, schedule.option(key, default)) for key, default in defaults.items()}
 
 

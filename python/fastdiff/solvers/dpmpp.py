@@ -67,7 +67,9 @@ def multistep_grid(schedule: DiscreteSchedule, steps: int, opts: dict, name: str
     return timesteps, sigmas
 
 
-def final_sigma(schedule: DiscreteSchedule, sigmas: np.ndarray, kind: str, name: str, karras_min_is_last: bool) -> float:
+def final_sigma(
+    schedule: DiscreteSchedule, sigmas: np.ndarray, kind: str, name: str, karras_min_is_last: bool
+) -> float:
     if kind == "zero":
         return 0.0
     if kind == "sigma_min":

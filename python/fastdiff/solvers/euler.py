@@ -7,7 +7,6 @@ import numpy as np
 
 from ..schedules import DiscreteSchedule
 from .common import (
-    NONLINEAR,
     SolverError,
     Trace,
     check_grid,

@@ -16,7 +16,12 @@ DEFAULTS = {
 }
 
 # Adams-Bashforth weights over the newest-first history of noise predictions (PNDM eq. 12)
-_PLMS_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+_PLMS_WEIGHTS = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
 
 
 def _call_grid(num_train: int, steps: int, opts: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -155,9 +155,7 @@ class GaussianMixture:
             return self.eps_ve(x, s).numpy().ravel()
 
         order = sorted(set(ends), reverse=True)
-        result = solve_ivp(
-            rhs, (sigma_start, min(order)), y0, method="DOP853", rtol=rtol, atol=atol, t_eval=order
-        )
+        result = solve_ivp(rhs, (sigma_start, min(order)), y0, method="DOP853", rtol=rtol, atol=atol, t_eval=order)
         if not result.success:
             raise RuntimeError(f"reference ODE integration failed: {result.message}")
         by_sigma = {s: result.y[:, i] for i, s in enumerate(result.t)}
