@@ -241,6 +241,17 @@ def refuse(solver: str, opts: Mapping[str, Any], rules: Mapping[str, tuple[Any, 
 NONLINEAR = "it is nonlinear in the model output, so no StepPlan (a linear combination) can express it"
 
 
+def multistep_order(i: int, n: int, order: int, *, last_first_order: bool, lower_order_final: bool) -> int:
+    """The order diffusers' multistep schedulers use at step i of n: they warm up from order 1
+    (one more past output per step), take a first-order last step when last_first_order, and
+    with lower_order_final and fewer than 15 steps at most second order one step before."""
+    if order == 1 or i < 1 or (i == n - 1 and last_first_order):
+        return 1
+    if order == 2 or i < 2 or (i == n - 2 and lower_order_final and n < 15):
+        return 2
+    return 3
+
+
 def check_grid(solver: str, timesteps: np.ndarray, schedule: DiscreteSchedule) -> None:
     """Every model time must be a training timestep the schedule knows."""
     t_max = schedule.num_train_timesteps - 1

@@ -16,6 +16,7 @@ from .common import (
     NONLINEAR,
     Trace,
     check_steps,
+    multistep_order,
     noise_prediction,
     refuse,
     resolve_options,
@@ -88,14 +89,10 @@ def build(schedule: DiscreteSchedule, steps: int, **options):
         out = trace.call(x, t)
         alpha_s, sigma_s = vp[i]
         history = (history + [noise_prediction(out, x, alpha_s, sigma_s, pred)])[-order:]
-        final = i == n - 1 and opts["lower_order_final"] and n < 15
-        second_last = i == n - 2 and opts["lower_order_final"] and n < 15
-        if order == 1 or i < 1 or final:
-            step_order = 1
-        elif order == 2 or i < 2 or second_last:
-            step_order = 2
-        else:
-            step_order = 3
+        lower_final = opts["lower_order_final"]
+        step_order = multistep_order(
+            i, n, order, last_first_order=lower_final and n < 15, lower_order_final=lower_final
+        )
         alpha_t, sigma_t = vp[i + 1]
         r_t, r0 = rho[i + 1], rho[i]
         if step_order == 1:

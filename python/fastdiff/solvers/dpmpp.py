@@ -16,6 +16,7 @@ from .common import (
     diffusers_float32_tables,
     karras_sigmas,
     log_snr,
+    multistep_order,
     n_plus_one_timesteps,
     noise_prediction,
     refuse,
@@ -128,16 +129,15 @@ def build(schedule: DiscreteSchedule, steps: int, **options):
         alpha_s, sigma_s = vp[i]
         convert = data_prediction if data_pred else noise_prediction
         history = (history + [convert(out, x, alpha_s, sigma_s, pred)])[-order:]
-        final = i == n - 1 and (
-            opts["euler_at_final"] or (opts["lower_order_final"] and n < 15) or opts["final_sigmas_type"] == "zero"
+        step_order = multistep_order(
+            i,
+            n,
+            order,
+            last_first_order=(
+                opts["euler_at_final"] or (opts["lower_order_final"] and n < 15) or opts["final_sigmas_type"] == "zero"
+            ),
+            lower_order_final=opts["lower_order_final"],
         )
-        second_last = i == n - 2 and opts["lower_order_final"] and n < 15
-        if order == 1 or i < 1 or final:
-            step_order = 1
-        elif order == 2 or i < 2 or second_last:
-            step_order = 2
-        else:
-            step_order = 3
         alpha_t, sigma_t = vp[i + 1]
         with np.errstate(over="ignore"):
             h = lam[i + 1] - lam[i]
