@@ -8,8 +8,8 @@ past that lies in
 
 and its dimension r_k is small for classic solvers (DDIM 1, a 2nd-order multistep solver 2,
 UniPC with corrector 3) while a fitted OLSS plan may need all of it. The compiler below tracks
-a set of r_k slots that span V_k and emits, per call, a short program of elementwise linear
-combinations:
+a set of slots that span V_k (r_k of them when the greedy choices below suffice) and emits, per
+call, a short program of elementwise linear combinations:
 
 - old carried latents that still lie in V_k are kept as they are (no data moves);
 - the new direction contributed by call k is formed from (x^(k), out_k) in place of out_k's
@@ -277,12 +277,17 @@ def compile_plan(coef: np.ndarray) -> RecurrentPlan:
     return min(programs, key=lambda p: (p.peak_latents, sum(p.carried), p.num_ops))
 
 
+def _unit(width: int, j: int) -> np.ndarray:
+    e = np.zeros(width)
+    e[j] = 1.0
+    return e
+
+
 def _compile(coef: np.ndarray, bases: list[np.ndarray], lookahead: bool) -> RecurrentPlan:
     n = coef.shape[0] - 1
     width = n + 1
-    eye = np.eye(width)
 
-    vec: dict[int, np.ndarray] = {X_T_SLOT: eye[0].copy()}
+    vec: dict[int, np.ndarray] = {X_T_SLOT: _unit(width, 0)}
     free: list[int] = []
     next_id = [1]
 
@@ -302,13 +307,13 @@ def _compile(coef: np.ndarray, bases: list[np.ndarray], lookahead: bool) -> Recu
 
     for k in range(n):
         out_slot = alloc()
-        vec[out_slot] = eye[k + 1].copy()
+        vec[out_slot] = _unit(width, k + 1)
         target = coef[k + 1].copy()
+        q_next = bases[k + 1] if k + 1 < n else None
         # Prefer converting out_k in place (least memory); fall back to keeping latents whole
         # when that conversion would amplify float32 rounding (PNDM's Runge-Kutta warm-up).
         best = None
         for allow_shift in (True, False):
-            q_next = bases[k + 1] if k + 1 < n else None
             choice = _select(bases[k], q_next, target, vec, x_slot, out_slot, aux, allow_shift, lookahead)
             if choice is None:
                 continue
@@ -357,7 +362,7 @@ def _compile(coef: np.ndarray, bases: list[np.ndarray], lookahead: bool) -> Recu
 def _reexpansion_error(plan: RecurrentPlan, coef: np.ndarray) -> float:
     """Run the program on coefficient vectors and compare every model input and the result."""
     width = coef.shape[0]
-    slots: dict[int, np.ndarray] = {X_T_SLOT: np.eye(width)[0]}
+    slots: dict[int, np.ndarray] = {X_T_SLOT: _unit(width, 0)}
 
     def run(op: LinOp) -> None:
         slots[op.dst] = sum(c * slots[s] for s, c in zip(op.srcs, op.coefs))
@@ -366,7 +371,7 @@ def _reexpansion_error(plan: RecurrentPlan, coef: np.ndarray) -> float:
     worst = 0.0
     for k, step in enumerate(plan.steps):
         worst = max(worst, np.max(np.abs(slots[step.input_slot] - coef[k])))
-        slots[step.output_slot] = np.eye(width)[k + 1]
+        slots[step.output_slot] = _unit(width, k + 1)
         for op in step.ops:
             run(op)
         for s in step.release:
