@@ -1,5 +1,5 @@
 # fastdiff: two commands on a fresh machine.
-#   make demo   installs, then runs the demo (today: the GMM solver-error table)
+#   make demo   installs, then samples an image with the embedded tiny-shapes model
 #   make test   installs the test extras, then runs the C++ and Python test suites
 # Everything goes into a virtual environment (.venv) that can see the system's packages, so an
 # already installed torch (e.g. a CUDA build) is kept; without one, torch==2.13.0 is installed.
@@ -33,9 +33,13 @@ torch: $(VENV)/.created
 install: torch
 	$(PIP) install --quiet "setuptools>=64" wheel "pybind11>=2.11"
 	$(PIP) install --no-build-isolation -e ".[test]"
+	@# only the CLIP BPE vocabulary file is used (sd21's tokenizer); its torchvision dependency is not
+	$(PIP) install --quiet --no-deps open_clip_torch
+
+DEMO_PROMPT ?= a red circle on a blue background
 
 demo: install
-	$(PY) -m fastdiff.cli bench gmm
+	$(PY) -m fastdiff.cli sample "$(DEMO_PROMPT)" --model tiny-shapes --steps 20 --seed 0 --scale 8 --out demo/tiny-shapes.png
 
 test-cpp:
 	cmake -S . -B $(BUILD_DIR) -DFASTDIFF_BUILD_TESTS=ON -DFASTDIFF_BUILD_PYTHON=OFF > /dev/null
@@ -54,4 +58,4 @@ bench: install
 	$(PY) bench/report.py bench/out/cpu.json --out bench/results
 
 clean:
-	rm -rf build $(VENV) python/fastdiff/*.so python/fastdiff/_build_info.py *.egg-info python/*.egg-info
+	rm -rf build demo $(VENV) python/fastdiff/*.so python/fastdiff/_build_info.py *.egg-info python/*.egg-info

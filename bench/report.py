@@ -3,7 +3,8 @@
     python bench/report.py bench/out/cpu.json [more.json ...] --out bench/results
 
 Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log scale) from the
-gmm-solver-quality group, and <out>/timings.md with every benchmark's timing statistics.
+gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) from the
+tiny-shapes groups, and <out>/timings.md with every benchmark's timing statistics.
 """
 
 from __future__ import annotations
@@ -68,6 +69,48 @@ def quality_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def adherence_table(benchmarks: list[dict]) -> str:
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "tiny-shapes-adherence"]
+    steps = sorted({r["steps"] for r in rows})
+    cells = {(r["sampler"], r["steps"]): r for r in rows}
+    lines = ["| sampler | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        values = []
+        for n in steps:
+            r = cells.get((sampler, n))
+            values.append(
+                "—" if r is None else f"{100 * r['adherence']:.1f}% ({100 * r['color']:.0f}/{100 * r['shape']:.0f})"
+            )
+        lines.append(f"| {sampler} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def digits_table(benchmarks: list[dict]) -> str:
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "digits-quality"]
+    steps = sorted({r["steps"] for r in rows})
+    cells = {(r["sampler"], r["steps"]): r for r in rows}
+    lines = ["| sampler | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        values = []
+        for n in steps:
+            r = cells.get((sampler, n))
+            values.append("—" if r is None else f"{100 * r['accuracy']:.1f}% / {r['fd']:.2f}")
+        lines.append(f"| {sampler} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(benchmarks: list[dict]) -> str:
+    lines = ["| benchmark | mean | min | max | rounds |", "| --- | --- | --- | --- | --- |"]
+    for b in benchmarks:
+        if b.get("group") == "tiny-shapes-latency":
+            s = b["stats"]
+            lines.append(
+                f"| {b['name']} ({b['extra_info']['nfe']} UNet calls) | {s['mean'] * 1e3:.1f} ms | "
+                f"{s['min'] * 1e3:.1f} ms | {s['max'] * 1e3:.1f} ms | {s['rounds']} |"
+            )
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -100,6 +143,21 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "solver_quality.md").write_text(text)
         quality_plot(rows, args.out / "solver_quality.png")
         print(f"wrote {args.out / 'solver_quality.md'} and {args.out / 'solver_quality.png'}")
+    if any(b.get("group") == "tiny-shapes-adherence" for b in benchmarks):
+        text = (
+            "# tiny-shapes adherence\n\nShare of 200 prompts whose image shows the named colour and shape "
+            "(colour/shape accuracy in brackets), CPU, default guidance. Machine: "
+            f"{where}.\n\n{adherence_table(benchmarks)}\n\n## Latency\n\n{latency_table(benchmarks)}\n"
+        )
+        (args.out / "tiny_shapes.md").write_text(text)
+        print(f"wrote {args.out / 'tiny_shapes.md'}")
+    if any(b.get("group") == "digits-quality" for b in benchmarks):
+        text = (
+            "# digits quality\n\nClassifier accuracy / feature Fréchet distance of 500 samples (50 per digit) "
+            f"vs steps, default guidance. Machine: {where}.\n\n{digits_table(benchmarks)}\n"
+        )
+        (args.out / "digits.md").write_text(text)
+        print(f"wrote {args.out / 'digits.md'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

@@ -36,3 +36,17 @@ def odd_latents(batch: int = 3, seed: int = 0, dtype=torch.float32) -> torch.Ten
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.fixture(scope="session")
+def untrained_shapes_dir(tmp_path_factory):
+    """A tiny-shapes pipeline directory with freshly initialised (untrained) weights."""
+    pytest.importorskip("diffusers", reason="engines need diffusers")
+    pytest.importorskip("transformers", reason="engines need transformers")
+    from fastdiff.models import tiny_shapes
+
+    out = tmp_path_factory.mktemp("untrained-shapes")
+    components = tiny_shapes.build_components(out / "tokenizer", seed=0)
+    components.vae.register_to_config(scaling_factor=0.7)
+    tiny_shapes.save_pipeline(components, out, info={"default_guidance_scale": 3.0})
+    return out

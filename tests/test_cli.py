@@ -65,11 +65,44 @@ def test_bench_gmm_prints_a_table(tmp_path, capsys):
     assert len(json.loads(out_json.read_text())) == 4
 
 
-@pytest.mark.parametrize("argv", [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"]])
+@pytest.mark.parametrize("argv", [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"]])
 def test_every_command_has_help(argv):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv + ["--help"])
     assert info.value.code == 0
+
+
+def test_sample_writes_pngs_and_says_where(untrained_shapes_dir, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "img" / "x.png"
+    argv = ["sample", "a red circle on a blue background", "--model", str(untrained_shapes_dir), "--device", "cpu"]
+    argv += ["--steps", "3", "--seed", "5", "--guidance", "2", "--num-images", "2", "--scale", "3", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    written = [tmp_path / "img" / "x-0.png", tmp_path / "img" / "x-1.png"]
+    assert f"wrote {written[0]}, {written[1]}" in printed and "3 UNet calls" in printed and "seed 5" in printed
+    assert all(Image.open(p).size == (96, 96) for p in written)
+
+
+def test_sample_errors_exit_with_code_2(untrained_shapes_dir, tmp_path, capsys):
+    base = [
+        "sample",
+        "a red circle",
+        "--model",
+        str(untrained_shapes_dir),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "a.png"),
+    ]
+    assert main(base + ["--steps", "0"]) == 2
+    assert "steps must be an integer >= 1" in capsys.readouterr().err
+    assert main(base + ["--height", "30"]) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+    assert main(["sample", "x", "--model", "sd15"]) == 2
+    assert "unknown model 'sd15'" in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
 
 
 def test_console_script_runs():

@@ -1,9 +1,23 @@
 """fastdiff: fast diffusion sampling.
 
 One data representation for every sampler (``fastdiff.plan.StepPlan``), solvers that compile
-to it (``fastdiff.solvers``), and one sync-free loop that runs it (``fastdiff.executor``).
+to it (``fastdiff.solvers``), one sync-free loop that runs it (``fastdiff.executor``), and
+engines that put a model behind it::
+
+    import fastdiff
+    engine = fastdiff.build_engine("tiny-shapes")
+    out = engine.sample("a red circle on a blue background", steps=5)
+    out.images[0].save("out.png")
 """
 
 from ._version import __version__
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "build_engine"]
+
+
+def build_engine(model, **kwargs):
+    """An Engine for a named model ("tiny-shapes", "digits", "sd21") or a diffusers model
+    directory; see ``fastdiff.models.registry.build_engine`` for the options."""
+    from .models.registry import build_engine as _build
+
+    return _build(model, **kwargs)

@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: info, solvers, plan, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, bench."""
 
 from __future__ import annotations
 
@@ -63,6 +63,37 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from . import build_engine
+
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler, weights=args.weights)
+    out = engine.sample(
+        args.prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        negative_prompt=args.negative,
+        seed=args.seed,
+        num_images=args.num_images,
+        height=args.height,
+        width=args.width,
+    )
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, image in enumerate(out.images):
+        target = path if len(out.images) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}")
+        if args.scale > 1:
+            image = image.resize((image.width * args.scale, image.height * args.scale), resample=0)
+        image.save(target)
+        written.append(str(target))
+    timings = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in out.timings.items())
+    print(f"{engine!r}: {out.nfe} UNet calls ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
+    for note in out.notes:
+        print(f"note: {note}")
+    print("wrote " + ", ".join(written))
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -121,6 +152,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the plan to this file")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("sample", help="sample images from a model into PNG files")
+    p.add_argument("prompt", help='the prompt, e.g. "a red circle on a blue background" (digits: "7")')
+    p.add_argument(
+        "--model",
+        default="tiny-shapes",
+        help="tiny-shapes, digits, sd21, or a diffusers model directory (default: tiny-shapes)",
+    )
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
+    p.add_argument(
+        "--sampler",
+        default="dpmpp_2m",
+        help="solver or variant: ddim, pndm, plms, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_karras, unipc_bh2, "
+        "unipc_bh2_3, unipc_bh1, deis, deis_3 (default dpmpp_2m)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: empty)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    p.add_argument(
+        "--height", type=int, default=None, help="image height, a multiple of the VAE factor (default: native)"
+    )
+    p.add_argument(
+        "--width", type=int, default=None, help="image width, a multiple of the VAE factor (default: native)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
+    )
+    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    p.add_argument("--out", default="sample.png", help="PNG path; with several images -0, -1, ... are appended")
+    p.add_argument(
+        "--scale", type=int, default=1, help="enlarge the saved PNG by this integer factor (nearest neighbour)"
+    )
+    p.set_defaults(func=cmd_sample)
+
     p = sub.add_parser("bench", help="quick benchmarks that print tables")
     bench = p.add_subparsers(dest="bench", required=True)
     g = bench.add_parser("gmm", help="solver error vs the exact ODE solution on a Gaussian mixture")
@@ -132,14 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .plan import PlanError
-    from .schedules import ScheduleError
-    from .solvers import SolverError
-
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PlanError, ScheduleError, SolverError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:
+        # PlanError, ScheduleError, SolverError, ModelNotFoundError, NonFiniteError and bad
+        # arguments all land here with a message that names the problem.
         print(f"fastdiff: error: {exc}", file=sys.stderr)
         return 2
 

@@ -28,7 +28,8 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def _run_op(slots: list, op: LinOp) -> None:
+def apply_op(slots: list, op: LinOp) -> None:
+    """Run one LinOp of a recurrent program on a list of slot tensors (None = free slot)."""
     srcs = [slots[s] for s in op.srcs]
     if slots[op.dst] is None:
         slots[op.dst] = lincomb(srcs, op.coefs)
@@ -88,14 +89,14 @@ def run(
     slots: list = [None] * program.num_slots
     slots[X_T_SLOT] = x_T
     with torch.no_grad():
-        _run_op(slots, program.init)
+        apply_op(slots, program.init)
         slots[X_T_SLOT] = None  # the caller owns x_T; the plan never reads it again
         for k, step in enumerate(program.steps):
             # No local keeps the output: a released slot must free its latent before the next call.
             x = slots[step.input_slot]
             slots[step.output_slot] = _adopt(model_fn(x, times[k]), x, k, slots)
             for op in step.ops:
-                _run_op(slots, op)
+                apply_op(slots, op)
             for released in step.release:
                 slots[released] = None
             if callback is not None:

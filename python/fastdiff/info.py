@@ -66,6 +66,25 @@ def _nvml() -> Feature:
     return Feature("NVML (power/clock readings)", True, f"{count} device(s)")
 
 
+def _models() -> list[Feature]:
+    from .models.registry import _sd21_local, engines_dir
+    from .models.tokenizer import open_clip_bpe_path
+
+    root = engines_dir()
+    out = []
+    for name, marker in (("tiny-shapes", "model_index.json"), ("digits", "unet/config.json")):
+        path = root / name / marker
+        out.append(Feature(f"model {name}", path.is_file(), str(path.parent) if path.is_file() else f"missing: {path}"))
+    sd21 = _sd21_local()
+    vocab = open_clip_bpe_path()
+    detail = f"real weights in {sd21}" if sd21 else "no local weights (pass weights=<dir>)"
+    detail += "; random-weight architecture " + (
+        "available" if vocab else "needs the CLIP BPE vocabulary: pip install --no-deps open_clip_torch"
+    )
+    out.append(Feature("model sd21", bool(sd21) or bool(vocab), detail))
+    return out
+
+
 def features() -> list[Feature]:
     torch_feature, cuda = _torch()
     triton = _module("Triton", "triton", "not installed (ships with CUDA builds of torch)")
@@ -78,7 +97,9 @@ def features() -> list[Feature]:
         triton,
         _module("TensorRT", "tensorrt", "not installed; NVIDIA's wheels download from outside PyPI"),
         _nvml(),
-        _module("diffusers (interop, parity tests)", "diffusers", "pip install diffusers"),
+        _module("diffusers (engines, interop)", "diffusers", "pip install diffusers"),
+        _module("transformers (text encoders)", "transformers", "pip install transformers"),
+        *_models(),
     ]
 
 

@@ -23,7 +23,23 @@ _SOLVERS: dict[str, tuple[Callable[..., StepPlan], dict]] = {
     "deis": (deis.build, deis.DEFAULTS),
 }
 
-__all__ = ["SolverError", "build", "describe", "names", "options"]
+# Named variants: a solver with options, usable wherever a sampler name is accepted.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "ddim": ("ddim", {}),
+    "pndm": ("pndm", {}),
+    "plms": ("pndm", {"skip_prk_steps": True}),
+    "euler": ("euler", {}),
+    "dpmpp_2m": ("dpmpp_2m", {}),
+    "dpmpp_3m": ("dpmpp_2m", {"solver_order": 3}),
+    "dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
+    "unipc_bh2": ("unipc", {}),
+    "unipc_bh2_3": ("unipc", {"solver_order": 3}),
+    "unipc_bh1": ("unipc", {"solver_type": "bh1"}),
+    "deis": ("deis", {}),
+    "deis_3": ("deis", {"solver_order": 3}),
+}
+
+__all__ = ["VARIANTS", "SolverError", "build", "build_variant", "describe", "names", "options"]
 
 
 def names() -> list[str]:
@@ -46,6 +62,18 @@ def build(name: str, schedule: DiscreteSchedule, steps: int, **options) -> StepP
     if not isinstance(schedule, DiscreteSchedule):
         raise SolverError(f"schedule must be a fastdiff DiscreteSchedule, got {type(schedule).__name__}")
     return _lookup(name)[0](schedule, steps, **options)
+
+
+def build_variant(name: str, schedule: DiscreteSchedule, steps: int) -> StepPlan:
+    """The plan of a solver name or a named variant (see VARIANTS), e.g. "dpmpp_2m_karras"."""
+    if name in VARIANTS:
+        solver, opts = VARIANTS[name]
+        return build(solver, schedule, steps, **opts)
+    if name in _SOLVERS:
+        return build(name, schedule, steps)
+    raise SolverError(
+        f"unknown sampler {name!r}: expected a solver ({', '.join(_SOLVERS)}) or a variant ({', '.join(VARIANTS)})"
+    )
 
 
 def options(name: str) -> dict:

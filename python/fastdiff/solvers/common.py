@@ -238,7 +238,7 @@ def refuse(solver: str, opts: Mapping[str, Any], rules: Mapping[str, tuple[Any, 
             raise SolverError(f"{solver}: {key}={value!r} is not supported: {why}")
 
 
-NONLINEAR = "it is nonlinear in the model output, so no StepPlan (a linear combination) can express it"
+NONLINEAR = "nonlinear in the model output, so no StepPlan (a linear combination) can express it"
 
 
 def multistep_order(i: int, n: int, order: int, *, last_first_order: bool, lower_order_final: bool) -> int:

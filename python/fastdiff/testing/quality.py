@@ -18,21 +18,7 @@ from .gmm import GaussianMixture, solver_error
 
 GMM_STEPS = (3, 4, 5, 6, 8, 10, 15, 20, 50)
 
-# label -> (solver name, options)
-SOLVER_VARIANTS: dict[str, tuple[str, dict]] = {
-    "ddim": ("ddim", {}),
-    "pndm": ("pndm", {}),
-    "plms": ("pndm", {"skip_prk_steps": True}),
-    "euler": ("euler", {}),
-    "dpmpp_2m": ("dpmpp_2m", {}),
-    "dpmpp_3m": ("dpmpp_2m", {"solver_order": 3}),
-    "dpmpp_2m_karras": ("dpmpp_2m", {"use_karras_sigmas": True}),
-    "unipc_bh2": ("unipc", {}),
-    "unipc_bh2_3": ("unipc", {"solver_order": 3}),
-    "unipc_bh1": ("unipc", {"solver_type": "bh1"}),
-    "deis": ("deis", {}),
-    "deis_3": ("deis", {"solver_order": 3}),
-}
+SOLVER_VARIANTS = solvers.VARIANTS  # label -> (solver name, options)
 
 SCHEDULE_CONFIG = {
     "num_train_timesteps": 1000,

@@ -1,0 +1,58 @@
+"""The model contract of the executor, model_fn(x, t) -> raw output, and the adapters that turn
+a conditional UNet plus classifier-free guidance into one.
+
+Guidance out = u + w·(c − u) (Ho & Salimans 2022, eq. 6 with w = 1 + their w) is linear in the
+outputs, so it happens inside the adapter: one UNet call on the 2x batch [unconditional;
+conditional], then the combination. With w <= 1 (no guidance) the UNet sees the conditional
+batch only, as diffusers does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+def _cat(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: torch.cat([a[key], b[key]]) for key in a}
+
+
+class GuidedDenoiser:
+    """model_fn for a diffusers UNet (2D conditional or class-conditional) with CFG.
+
+    cond / uncond: keyword arguments of the UNet call for the batch (e.g. encoder_hidden_states
+    or class_labels), each with batch size B. guidance_scale: a float, or a tensor of B values
+    (one per sample); None or <= 1 everywhere means no guidance.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        cond: Mapping[str, torch.Tensor],
+        uncond: Mapping[str, torch.Tensor] | None = None,
+        guidance_scale: float | torch.Tensor | None = None,
+    ):
+        self.unet = unet
+        self.calls = 0
+        w = guidance_scale
+        if isinstance(w, torch.Tensor) and bool(torch.all(w == w.flatten()[0])):
+            w = float(w.flatten()[0])
+        self.guided = (
+            uncond is not None and w is not None and (bool(torch.any(w > 1)) if isinstance(w, torch.Tensor) else w > 1)
+        )
+        if self.guided:
+            self.kwargs = _cat(uncond, cond)
+            self.scale = w if not isinstance(w, torch.Tensor) else w.reshape(-1, *[1] * 3)
+        else:
+            self.kwargs = dict(cond)
+            self.scale = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if not self.guided:
+            return self.unet(x, t, **self.kwargs, return_dict=False)[0]
+        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), **self.kwargs, return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        scale = self.scale if not isinstance(self.scale, torch.Tensor) else self.scale.to(out.dtype)
+        return uncond + scale * (cond - uncond)

@@ -1,0 +1,135 @@
+"""The Engine API on an untrained tiny-shapes pipeline (fast; the trained model's quality is
+measured by bench/, not here)."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.engines import NonFiniteError
+from fastdiff.models.registry import ModelNotFoundError
+
+
+@pytest.fixture(scope="module")
+def engine(untrained_shapes_dir):
+    return fastdiff.build_engine(untrained_shapes_dir, device="cpu")
+
+
+def test_sample_returns_images_latents_nfe_and_timings(engine):
+    out = engine.sample("a red circle on a blue background", steps=5, seed=3)
+    assert len(out.images) == 1 and out.images[0].size == (32, 32) and out.images[0].mode == "RGB"
+    assert out.latents.shape == (1, 4, 8, 8)
+    assert out.nfe == 5 and out.plan.nfe == 5 and out.seed == 3
+    assert set(out.timings) == {"encode", "denoise", "decode", "total"}
+    assert out.timings["total"] >= out.timings["denoise"] > 0
+    assert out.random_weights is False and out.notes == []
+
+
+def test_same_seed_same_image_and_prompt_lists_batch(engine):
+    a = engine.sample("a red circle on a blue background", steps=3, seed=7)
+    b = engine.sample("a red circle on a blue background", steps=3, seed=7)
+    assert torch.equal(a.latents, b.latents)
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    out = engine.sample(prompts, steps=3, seed=7, num_images=2)
+    assert len(out.images) == 4 and out.prompts == [prompts[0], prompts[0], prompts[1], prompts[1]]
+
+
+def test_guidance_is_one_call_on_the_doubled_batch(engine, monkeypatch):
+    batches = []
+    forward = engine.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        batches.append(sample.shape[0])
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(engine.unet, "forward", spy)
+    engine.sample(["a red circle on a blue background"] * 3, steps=4, guidance_scale=5.0, seed=0)
+    assert batches == [6] * 4
+    batches.clear()
+    engine.sample("a red circle on a blue background", steps=4, guidance_scale=1.0, seed=0)
+    assert batches == [1] * 4
+
+
+def test_plans_are_cached_per_sampler_and_steps(engine):
+    assert engine.plan_for("dpmpp_2m", 6) is engine.plan_for("dpmpp_2m", 6)
+    assert engine.plan_for("dpmpp_2m_karras", 6) is not engine.plan_for("dpmpp_2m", 6)
+    out = engine.sample("a red circle on a blue background", steps=6, sampler="unipc_bh2", seed=0)
+    assert out.plan is engine.plan_for("unipc_bh2", 6) and out.nfe == 6
+
+
+def test_an_explicit_plan_overrides_sampler_and_steps(engine):
+    plan = engine.plan_for("ddim", 4)
+    out = engine.sample("a red circle on a blue background", steps=50, plan=plan, seed=0)
+    assert out.nfe == 4 and out.plan is plan
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"prompt": []}, ValueError, "empty list"),
+        ({"steps": 0}, ValueError, "steps must be an integer >= 1"),
+        ({"height": 30}, ValueError, "height=30 must be a positive multiple of 4"),
+        ({"width": 0}, ValueError, "width=0 must be a positive multiple of 4"),
+        ({"num_images": 0}, ValueError, "num_images must be an integer >= 1"),
+        ({"sampler": "lms"}, ValueError, "unknown sampler 'lms'"),
+        ({"negative_prompt": ["a", "b"]}, ValueError, "2 negative prompts for 1 prompts"),
+    ],
+)
+def test_bad_arguments_name_the_problem(engine, kwargs, error, message):
+    kwargs = {"prompt": "a red circle on a blue background", "steps": 3, **kwargs}
+    with pytest.raises(error, match=message):
+        engine.sample(**kwargs)
+
+
+def test_other_sizes_that_fit_the_autoencoder_work(engine):
+    out = engine.sample("a red circle on a blue background", steps=2, height=48, width=24, seed=0)
+    assert out.images[0].size == (24, 48)
+
+
+def test_nan_outputs_are_detected_and_explained(engine, monkeypatch):
+    forward = engine.unet.forward
+
+    def broken(sample, *args, **kwargs):
+        result = forward(sample, *args, **kwargs)
+        return (result[0] * float("nan"),)
+
+    monkeypatch.setattr(engine.unet, "forward", broken)
+    with pytest.raises(NonFiniteError, match="NaN/inf latents"):
+        engine.sample("a red circle on a blue background", steps=2, seed=0)
+
+
+def test_float16_nan_message_points_at_overflow(untrained_shapes_dir, monkeypatch):
+    engine = fastdiff.build_engine(untrained_shapes_dir, device="cpu", dtype="float16")
+    forward = engine.unet.forward
+    monkeypatch.setattr(engine.unet, "forward", lambda s, *a, **k: (forward(s, *a, **k)[0] * float("inf"),))
+    with pytest.raises(NonFiniteError, match="float16 overflow"):
+        engine.sample("a red circle on a blue background", steps=2, seed=0)
+
+
+def test_unknown_models_list_the_known_ones():
+    with pytest.raises(ModelNotFoundError, match="unknown model 'sd15': expected one of tiny-shapes, digits, sd21"):
+        fastdiff.build_engine("sd15")
+
+
+def test_missing_shipped_weights_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_ENGINES", str(tmp_path))
+    with pytest.raises(ModelNotFoundError, match="python -m fastdiff.models.train tiny-shapes"):
+        fastdiff.build_engine("tiny-shapes", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="python -m fastdiff.models.train digits"):
+        fastdiff.build_engine("digits", device="cpu")
+
+
+def test_sd21_without_weights_explains_how_to_provide_them(monkeypatch):
+    from fastdiff.models import sd21
+
+    monkeypatch.setattr(sd21, "_sd21_local", lambda: None)
+    with pytest.raises(ModelNotFoundError, match="never downloads.*weights='random'"):
+        fastdiff.build_engine("sd21", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="no model_index.json"):
+        fastdiff.build_engine("sd21", device="cpu", weights="/nonexistent")
+
+
+def test_bad_dtype_and_backend_are_refused(untrained_shapes_dir):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        fastdiff.build_engine(untrained_shapes_dir, device="cpu", dtype="float8")
+    with pytest.raises(ValueError, match="unknown or unavailable backend 'tensorrt'"):
+        fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="tensorrt")

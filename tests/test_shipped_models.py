@@ -1,0 +1,50 @@
+"""Smoke tests of the shipped weights (skipped if engines/ lacks them). Quality numbers are
+measured by bench/; these only catch a broken artifact or loader."""
+
+import pytest
+import torch
+
+import fastdiff
+from fastdiff.models.registry import engines_dir
+from fastdiff.models.shapes_data import random_scenes
+
+
+def _engine(name):
+    pytest.importorskip("diffusers")
+    try:
+        return fastdiff.build_engine(name, device="cpu")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_tiny_shapes_draws_what_it_is_told():
+    from fastdiff.testing import shapes_score
+
+    engine = _engine("tiny-shapes")
+    prompts = [s.caption for s in random_scenes(24, torch.Generator().manual_seed(99))]
+    out = engine.sample(prompts, steps=20, seed=0)
+    assert shapes_score(out.images, prompts)["adherence"] >= 0.75
+
+
+def test_tiny_shapes_loads_in_an_unmodified_diffusers_pipeline():
+    diffusers = pytest.importorskip("diffusers")
+    path = engines_dir() / "tiny-shapes"
+    if not (path / "model_index.json").is_file():
+        pytest.skip(f"no shipped tiny-shapes in {path}")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_digits_draws_the_requested_digits():
+    from fastdiff.testing import digits_accuracy
+
+    engine = _engine("digits")
+    labels = [d for d in range(10) for _ in range(5)]
+    out = engine.sample([str(d) for d in labels], steps=20, seed=0)
+    assert digits_accuracy(out.images, labels) >= 0.8
+
+
+def test_engine_size_stays_small():
+    total = sum(p.stat().st_size for p in engines_dir().rglob("*") if p.is_file())
+    assert total < 30 * 2**20, f"engines/ holds {total / 2**20:.1f} MiB"
