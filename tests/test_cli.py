@@ -65,7 +65,10 @@ def test_bench_gmm_prints_a_table(tmp_path, capsys):
     assert len(json.loads(out_json.read_text())) == 4
 
 
-@pytest.mark.parametrize("argv", [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"]])
+COMMANDS = [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"], ["calibrate"]]
+
+
+@pytest.mark.parametrize("argv", COMMANDS)
 def test_every_command_has_help(argv):
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(argv + ["--help"])

@@ -94,6 +94,52 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from . import build_engine
+    from .calibration import olss
+    from .models.registry import calibration_prompts
+
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
+    ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
+    plan = olss.calibrate(
+        engine,
+        prompts,
+        args.steps,
+        teacher=args.teacher,
+        path=args.path,
+        ridge=ridge,
+        closed_loop=not args.open_loop,
+        seed=args.seed,
+        guidance_scale=args.guidance,
+        directory=args.trajectories,
+        batch_size=args.batch_size,
+    )
+    record = plan.metadata["calibration"]
+    record["command"] = "fastdiff " + " ".join(args.argv)
+    plan = type(plan).from_dict({**plan.to_dict(), "metadata": {**plan.metadata, "calibration": record}})
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    plan.save(args.out)
+    print(
+        f"OLSS {args.steps} steps on {engine.name}: teacher {record['teacher']}, path {record['path_kind']} "
+        f"{record['path']} (teacher call indices), {'closed' if record['closed_loop'] else 'open'} loop, "
+        f"{record['samples']} samples"
+    )
+    print("| row | target | rel. residual | held-out MSE | ridge λ | condition |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in record["rows"]:
+        cv = "-" if row["cv_mse"] is None else f"{row['cv_mse']:.3g}"
+        print(
+            f"| {row['row']} | {row['target']} | {row['rel_residual']:.3g} | {cv} | {row['ridge']:.0e} | "
+            f"{row['condition']:.2g} |"
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -187,6 +233,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("calibrate", help="fit an OLSS plan to a model (least squares on teacher trajectories)")
+    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
+    p.add_argument("--steps", type=int, required=True, help="model calls of the calibrated plan")
+    p.add_argument("--out", required=True, help="write the plan (JSON) here")
+    p.add_argument(
+        "--teacher",
+        default="ddim:100",
+        help="the many-step teacher as solver:steps, e.g. ddim:100, ddim:1000, dpmpp_2m:500 (default ddim:100)",
+    )
+    p.add_argument(
+        "--path",
+        choices=("planned", "uniform"),
+        default="planned",
+        help="planned: the paper's path planning (Alg. 1-3); uniform: OLSS-P, an even subsample of the teacher grid",
+    )
+    p.add_argument("--open-loop", action="store_true", help="fit on the teacher's outputs only (default: closed loop)")
+    p.add_argument("--ridge", default="auto", help="'auto' (chosen on held-out samples) or a relative λ >= 0")
+    p.add_argument(
+        "--samples", type=int, default=64, help="calibration samples drawn from the model's prompt grammar (default 64)"
+    )
+    p.add_argument(
+        "--prompts", default=None, help="a text file of calibration prompts, one per line (overrides --samples)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and prompts (default 0)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale during calibration (default: the model's)"
+    )
+    p.add_argument("--trajectories", default=None, help="keep teacher trajectories in this directory (resumable)")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
+    )
+    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights")
+    p.set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("bench", help="quick benchmarks that print tables")
     bench = p.add_subparsers(dest="bench", required=True)
     g = bench.add_parser("gmm", help="solver error vs the exact ODE solution on a Gaussian mixture")
@@ -199,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as exc:

@@ -1,0 +1,258 @@
+"""Teacher trajectories for calibration: what a many-step sampler does from stored x_T.
+
+For each calibration sample the teacher plan (e.g. DDIM with 100 steps) runs from x_T and we
+keep, at every teacher call k, its input latent x^(k) and raw model output out_k, plus the
+final result (the teacher's x_0). Candidate student times are the teacher's times, so the
+open-loop OLSS basis [x_T, out_{p_1}, ..., out_{p_i}] and every fit target are columns of this
+data.
+
+Memory is bounded: samples run in batches and land in float32 .npy files opened as memory
+maps (in a directory), or in RAM for small sets (no directory). A directory is resumable: a
+batch is marked done only after its arrays are flushed, so an interrupted run (Ctrl-C, kill)
+continues where it stopped; a directory made for another teacher, model or sample set is
+refused instead of mixed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..executor import run
+from ..plan import StepPlan
+from ..schedules import DiscreteSchedule
+from .lstsq import CalibrationError
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Source:
+    """What calibration needs from a model: a schedule, per-sample x_T and a model_fn for any
+    subset of the samples (conditioning may differ per sample)."""
+
+    schedule: DiscreteSchedule
+    x_T: torch.Tensor  # [S, ...] initial noise, on the model's device and dtype
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.x_T.shape[0])
+
+    def model(self, ids: np.ndarray) -> ModelFn:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """A JSON description; trajectories on disk are tied to it."""
+        raise NotImplementedError
+
+
+class FunctionSource(Source):
+    """A model_fn that treats samples independently (e.g. the exact Gaussian-mixture denoiser)."""
+
+    def __init__(self, model_fn: ModelFn, schedule: DiscreteSchedule, x_T: torch.Tensor, name: str = "function"):
+        if not isinstance(x_T, torch.Tensor) or x_T.dim() < 2 or not x_T.is_floating_point():
+            raise ValueError("calibration x_T must be a floating-point tensor of shape [samples, ...]")
+        self.model_fn = model_fn
+        self.schedule = schedule
+        self.x_T = x_T
+        self.name = name
+
+    def model(self, ids: np.ndarray) -> ModelFn:
+        return self.model_fn
+
+    def describe(self) -> dict:
+        x = self.x_T.double()
+        return {"kind": "function", "name": self.name, "x_T_sum": float(x.sum()), "x_T_sq": float((x * x).sum())}
+
+
+class EngineSource(Source):
+    """An Engine with one prompt per calibration sample; x_T drawn from `seed` like Engine.sample."""
+
+    def __init__(self, engine, prompts: list[str], *, guidance_scale: float | None = None, seed: int = 0):
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("the calibration set must be a non-empty list of prompt strings")
+        self.engine = engine
+        self.prompts = prompts
+        self.guidance_scale = engine.guidance_scale if guidance_scale is None else float(guidance_scale)
+        self.seed = int(seed)
+        self.schedule = engine.schedule
+        self.x_T = engine.initial_noise(len(prompts), seed=self.seed)
+
+    def model(self, ids: np.ndarray) -> ModelFn:
+        return self.engine.denoiser([self.prompts[i] for i in ids], guidance_scale=self.guidance_scale)
+
+    def describe(self) -> dict:
+        return {
+            "kind": "engine",
+            "name": self.engine.name,
+            "prompts": self.prompts,
+            "guidance_scale": self.guidance_scale,
+            "seed": self.seed,
+            "dtype": str(self.engine.dtype).replace("torch.", ""),
+        }
+
+
+@dataclass
+class Trajectories:
+    """latents[s, k] = teacher input at call k (k = 0..M-1), latents[s, M] = the teacher's result;
+    outputs[s, k] = raw model output of call k. times[k] = model time of call k."""
+
+    teacher: StepPlan
+    times: np.ndarray
+    latents: np.ndarray  # [S, M+1, D] float32 (maybe a memory map)
+    outputs: np.ndarray  # [S, M, D] float32
+    shape: tuple  # per-sample latent shape
+    directory: Path | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def num_teacher_steps(self) -> int:
+        return int(self.times.size)
+
+
+def parse_teacher(teacher, schedule: DiscreteSchedule) -> StepPlan:
+    """'ddim:100', 'dpmpp_2m:500' or a StepPlan, checked against the model's schedule."""
+    from .. import solvers
+
+    if isinstance(teacher, StepPlan):
+        plan = teacher
+    else:
+        name, _, steps = str(teacher).partition(":")
+        if not steps.isdigit():
+            raise ValueError(f"teacher {teacher!r}: expected 'solver:steps' such as 'ddim:100' or a StepPlan")
+        plan = solvers.build_variant(name, schedule, int(steps))
+    if plan.schedule_fingerprint is not None and plan.schedule_fingerprint != schedule.fingerprint:
+        raise CalibrationError(
+            f"teacher/student schedule mismatch: the teacher plan was made for schedule {plan.schedule_fingerprint}, "
+            f"the model's schedule is {schedule.fingerprint}"
+        )
+    if plan.prediction_type != schedule.prediction_type:
+        raise CalibrationError(
+            f"teacher/student mismatch: the teacher plan expects {plan.prediction_type} outputs, the model "
+            f"predicts {schedule.prediction_type}"
+        )
+    return plan
+
+
+def _open(directory: Path, meta: dict, shapes: dict) -> tuple[dict, np.ndarray]:
+    directory.mkdir(parents=True, exist_ok=True)
+    meta_path = directory / "meta.json"
+    if meta_path.is_file():
+        try:
+            old = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise CalibrationError(f"{meta_path} is corrupt ({exc}): delete {directory} to start over") from exc
+        if old != meta:
+            differs = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+            raise CalibrationError(
+                f"{directory} holds trajectories of another calibration (differs in {', '.join(differs)}): "
+                "use another directory or delete it"
+            )
+        mode = "r+"
+    else:
+        mode = "w+"
+    arrays = {}
+    for name, shape in shapes.items():
+        try:
+            arrays[name] = np.lib.format.open_memmap(
+                directory / f"{name}.npy", mode=mode, dtype=np.float32, shape=shape
+            )
+        except (OSError, ValueError) as exc:
+            raise CalibrationError(f"{directory / (name + '.npy')} is unreadable ({exc}): delete {directory}") from exc
+        if arrays[name].shape != shape:
+            raise CalibrationError(f"{directory / (name + '.npy')} has shape {arrays[name].shape}, expected {shape}")
+    done_path = directory / "done.npy"
+    done = np.load(done_path) if mode == "r+" and done_path.is_file() else np.zeros(meta["num_samples"], dtype=bool)
+    if mode == "w+":
+        meta_path.write_text(json.dumps(meta, indent=1))
+    return arrays, done
+
+
+def teacher_trajectories(
+    source: Source,
+    teacher: StepPlan | str = "ddim:100",
+    *,
+    directory: str | Path | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Trajectories:
+    """Run the teacher from every x_T in source and keep its latents and outputs (see module doc)."""
+    plan = parse_teacher(teacher, source.schedule)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    num, m = source.num_samples, plan.num_calls
+    shape = tuple(source.x_T.shape[1:])
+    dim = int(np.prod(shape))
+    shapes = {"latents": (num, m + 1, dim), "outputs": (num, m, dim)}
+    folder = Path(directory) if directory is not None else None
+    if folder is not None:
+        meta = {
+            "format": "fastdiff.trajectories",
+            "version": 1,
+            "teacher": plan.hash(),
+            "schedule": source.schedule.fingerprint,
+            "source": source.describe(),
+            "num_samples": num,
+            "shape": list(shape),
+        }
+        arrays, done = _open(folder, meta, shapes)
+        plan.save(folder / "teacher.json")
+    else:
+        arrays = {name: np.zeros(s, dtype=np.float32) for name, s in shapes.items()}
+        done = np.zeros(num, dtype=bool)
+    todo = np.flatnonzero(~done)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=num,
+        initial=num - todo.size,
+        desc=f"teacher {plan.metadata.get('solver', 'plan')}-{m}",
+        disable=not progress,
+        unit="sample",
+    )
+    for start in range(0, todo.size, batch_size):
+        ids = todo[start : start + batch_size]
+        model_fn = source.model(ids)
+        x_T = source.x_T[torch.as_tensor(ids)]
+        lat = np.empty((ids.size, m + 1, dim), dtype=np.float32)
+        out = np.empty((ids.size, m, dim), dtype=np.float32)
+        lat[:, 0] = x_T.reshape(ids.size, -1).float().cpu().numpy()
+
+        calls = [0]
+
+        def record(x, t):
+            result = model_fn(x, t)
+            k = calls[0]
+            flat = result.reshape(ids.size, -1).float().cpu()
+            if not bool(torch.isfinite(flat).all()):
+                raise CalibrationError(
+                    f"NaN/inf in the teacher's model output at call {k} (t={plan.times[k]:g}) for samples "
+                    f"{ids.tolist()}: the model overflows (float16?) or is broken"
+                )
+            out[:, k] = flat.numpy()
+            calls[0] += 1
+            return result
+
+        def keep(k, t, x):
+            lat[:, k + 1] = x.reshape(ids.size, -1).float().cpu().numpy()
+
+        run(plan, record, x_T, callback=keep)
+        arrays["latents"][ids] = lat
+        arrays["outputs"][ids] = out
+        done[ids] = True
+        if folder is not None:
+            for array in arrays.values():
+                array.flush()
+            np.save(folder / "done.tmp.npy", done)
+            (folder / "done.tmp.npy").replace(folder / "done.npy")  # atomic: a kill leaves the old or the new
+        bar.update(ids.size)
+    bar.close()
+    return Trajectories(plan, np.array(plan.times), arrays["latents"], arrays["outputs"], shape, folder)
