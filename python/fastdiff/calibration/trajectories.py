@@ -16,6 +16,7 @@ refused instead of mixed in.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from .lstsq import CalibrationError
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class Source:
+class Source(ABC):
     """What calibration needs from a model: a schedule, per-sample x_T and a model_fn for any
     subset of the samples (conditioning may differ per sample)."""
 
@@ -42,12 +43,13 @@ class Source:
     def num_samples(self) -> int:
         return int(self.x_T.shape[0])
 
+    @abstractmethod
     def model(self, ids: np.ndarray) -> ModelFn:
-        raise NotImplementedError
+        """model_fn(x, t) for the samples `ids` (in that order)."""
 
+    @abstractmethod
     def describe(self) -> dict:
         """A JSON description; trajectories on disk are tied to it."""
-        raise NotImplementedError
 
 
 class FunctionSource(Source):
