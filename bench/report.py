@@ -69,34 +69,28 @@ def quality_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def adherence_table(benchmarks: list[dict]) -> str:
-    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "tiny-shapes-adherence"]
+def _sampler_by_steps(benchmarks: list[dict], group: str, cell) -> str:
+    """A markdown table of one benchmark group: a row per sampler, a column per step count."""
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == group]
     steps = sorted({r["steps"] for r in rows})
     cells = {(r["sampler"], r["steps"]): r for r in rows}
     lines = ["| sampler | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        values = []
-        for n in steps:
-            r = cells.get((sampler, n))
-            values.append(
-                "—" if r is None else f"{100 * r['adherence']:.1f}% ({100 * r['color']:.0f}/{100 * r['shape']:.0f})"
-            )
+        values = ["—" if (sampler, n) not in cells else cell(cells[(sampler, n)]) for n in steps]
         lines.append(f"| {sampler} | " + " | ".join(values) + " |")
     return "\n".join(lines)
+
+
+def adherence_table(benchmarks: list[dict]) -> str:
+    return _sampler_by_steps(
+        benchmarks,
+        "tiny-shapes-adherence",
+        lambda r: f"{100 * r['adherence']:.1f}% ({100 * r['color']:.0f}/{100 * r['shape']:.0f})",
+    )
 
 
 def digits_table(benchmarks: list[dict]) -> str:
-    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "digits-quality"]
-    steps = sorted({r["steps"] for r in rows})
-    cells = {(r["sampler"], r["steps"]): r for r in rows}
-    lines = ["| sampler | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
-    for sampler in dict.fromkeys(r["sampler"] for r in rows):
-        values = []
-        for n in steps:
-            r = cells.get((sampler, n))
-            values.append("—" if r is None else f"{100 * r['accuracy']:.1f}% / {r['fd']:.2f}")
-        lines.append(f"| {sampler} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+    return _sampler_by_steps(benchmarks, "digits-quality", lambda r: f"{100 * r['accuracy']:.1f}% / {r['fd']:.2f}")
 
 
 def latency_table(benchmarks: list[dict]) -> str:

@@ -108,3 +108,11 @@ def test_load_errors_name_the_file(tmp_path):
     path.write_text('{"format": "fastdiff.stepplan", "version"')
     with pytest.raises(PlanError, match=f"{path.name}: plan file is not valid JSON.*truncated"):
         StepPlan.load(path)
+
+
+def test_with_metadata_adds_keys_and_keeps_the_plan(sd_schedule):
+    plan = solvers.build("ddim", sd_schedule, 4)
+    tagged = plan.with_metadata(note="x", solver="renamed")
+    assert tagged.metadata["note"] == "x" and tagged.metadata["solver"] == "renamed"
+    assert tagged.hash() == plan.hash() and np.array_equal(tagged.coef, plan.coef) and tagged != plan
+    assert "note" not in plan.metadata and plan.metadata["solver"] == "ddim"

@@ -18,23 +18,14 @@ def run_train(*args):
     return json.loads(result.stdout)
 
 
+TINY_SETTING = ("--vae-steps", "2", "--unet-steps", "2", "--dataset-size", "32", "--batch", "8")
+
+
 @pytest.fixture(scope="module")
 def tiny_shapes_run(tmp_path_factory):
     pytest.importorskip("diffusers")
     out = tmp_path_factory.mktemp("ts")
-    info = run_train(
-        "tiny-shapes",
-        "--out",
-        str(out),
-        "--vae-steps",
-        "2",
-        "--unet-steps",
-        "2",
-        "--dataset-size",
-        "32",
-        "--batch",
-        "8",
-    )
+    info = run_train("tiny-shapes", "--out", str(out), *TINY_SETTING)
     return out, info
 
 
@@ -58,19 +49,7 @@ def test_tiny_shapes_training_is_reproducible_from_the_seed(tiny_shapes_run, tmp
     from safetensors.torch import load_file
 
     out, _ = tiny_shapes_run
-    run_train(
-        "tiny-shapes",
-        "--out",
-        str(tmp_path),
-        "--vae-steps",
-        "2",
-        "--unet-steps",
-        "2",
-        "--dataset-size",
-        "32",
-        "--batch",
-        "8",
-    )
+    run_train("tiny-shapes", "--out", str(tmp_path), *TINY_SETTING)
     for part in (
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",

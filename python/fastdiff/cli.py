@@ -120,7 +120,7 @@ def cmd_calibrate(args) -> int:
     )
     record = plan.metadata["calibration"]
     record["command"] = "fastdiff " + " ".join(args.argv)
-    plan = type(plan).from_dict({**plan.to_dict(), "metadata": {**plan.metadata, "calibration": record}})
+    plan = plan.with_metadata(calibration=record)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plan.save(args.out)
     print(

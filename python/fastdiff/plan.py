@@ -325,6 +325,17 @@ class StepPlan:
         except PlanError as exc:
             raise PlanError(f"{path}: {exc}", exc.code) from exc
 
+    def with_metadata(self, **updates) -> StepPlan:
+        """The same plan with metadata keys added or replaced (plans are immutable)."""
+        return StepPlan(
+            self.times,
+            self.coef,
+            self.prediction_type,
+            schedule_fingerprint=self.schedule_fingerprint,
+            num_train_timesteps=self.num_train_timesteps,
+            metadata={**self.metadata, **updates},
+        )
+
     # ---------------------------------------------------------------- identity
     def hash(self) -> str:
         """sha256 over everything that changes what the plan computes (not the metadata)."""

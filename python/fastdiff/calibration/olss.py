@@ -360,20 +360,12 @@ def calibrate(
         progress=progress,
         gram=gram,
     )
-    meta = dict(result.plan.metadata)
-    meta["calibration"] = {
-        **meta["calibration"],
-        "path_kind": path,
-        "max_error": bound,
-        "seed": seed,
-        "source": {k: v for k, v in source.describe().items() if k != "prompts"},
-    }
-    plan = result.plan
-    return StepPlan(
-        plan.times,
-        plan.coef,
-        plan.prediction_type,
-        schedule_fingerprint=plan.schedule_fingerprint,
-        num_train_timesteps=plan.num_train_timesteps,
-        metadata=meta,
+    return result.plan.with_metadata(
+        calibration={
+            **result.plan.metadata["calibration"],
+            "path_kind": path,
+            "max_error": bound,
+            "seed": seed,
+            "source": {k: v for k, v in source.describe().items() if k != "prompts"},
+        }
     )
