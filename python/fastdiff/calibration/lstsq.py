@@ -11,8 +11,8 @@ is kept per fold: held-out error of a coefficient vector c on fold f is
 which makes choosing the ridge λ by K-fold cross-validation a handful of tiny solves.
 
 The plain normal equations are badly conditioned (model outputs at nearby times are nearly
-parallel: condition numbers of 1e8 are usual), so the ridge is scaled to the basis: the penalty
-is λ·mean(diag B'B)·||c||².
+parallel: condition numbers of 1e8 are usual), so they are solved in the standardised basis
+(unit-norm columns) and the ridge is relative to it: the penalty is λ·Σ_j (B'B)_jj·c_j².
 """
 
 from __future__ import annotations
@@ -75,18 +75,23 @@ class GramAccumulator:
         return self.gram.sum(axis=0)
 
     def fit(self, basis: list[str], target: str, ridge: float | str = "auto") -> Fit:
-        return fit_from_gram(self.gram, self.count, [self.index[b] for b in basis], self.index[target], ridge, basis)
+        idx = [self.index[b] for b in basis] + [self.index[target]]
+        sub = self.gram[:, idx][:, :, idx]  # only the vectors involved (the full Gram may be large)
+        return fit_from_gram(sub, self.count, list(range(len(basis))), len(basis), ridge, basis)
 
 
 def _solve_all(g_bb: np.ndarray, g_by: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
-    """Ridge solutions for every λ at once: c(λ) = (G + λ s I)^-1 g with s = mean diag(G)."""
-    scale = float(np.mean(np.diag(g_bb))) or 1.0
-    w, v = np.linalg.eigh(g_bb)
-    proj = v.T @ g_by
-    denom = w[None, :] + lambdas[:, None] * scale
+    """Ridge solutions for every λ at once: c(λ) = argmin ||y − Bc||² + λ Σ_j G_jj c_j², solved
+    in the standardised basis (columns scaled to unit norm, so the eigenvalues are those of the
+    correlation matrix and the penalty treats every basis vector alike)."""
+    d = np.sqrt(np.diag(g_bb))
+    d = np.where(d > 0, d, 1.0)
+    w, v = np.linalg.eigh(g_bb / np.outer(d, d))
+    proj = v.T @ (g_by / d)
+    denom = w[None, :] + lambdas[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         coef = np.where(np.abs(denom) > 0, proj[None, :] / denom, 0.0) @ v.T
-    return coef  # [len(lambdas), p]
+    return coef / d[None, :]  # [len(lambdas), p]
 
 
 def _sse(gram: np.ndarray, b: list[int], y: int, coef: np.ndarray) -> np.ndarray:
