@@ -236,3 +236,48 @@ def test_engine_calibration_cli_and_shipped_plan_lookup(untrained_shapes_dir, tm
     foreign.save(model / "plans" / "olss-5.json")
     with pytest.raises(PlanError, match="plan was made for schedule sha256:0000000000000000"):
         engine.sample("a red circle", steps=5, sampler="olss")
+
+
+def test_cli_calibrates_several_step_counts_from_one_teacher_run(untrained_shapes_dir, tmp_path, capsys):
+    from fastdiff.calibration import trajectories
+    from fastdiff.cli import main
+    from fastdiff.plan import StepPlan
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n" * 2)
+    argv = ["calibrate", "--model", str(untrained_shapes_dir), "--device", "cpu", "--teacher", "ddim:8"]
+    argv += ["--prompts", str(prompts), "--path", "uniform"]
+    assert main(argv + ["--steps", "2", "3", "--out", str(tmp_path / "p.json")]) == 2
+    assert "--out must be a directory" in capsys.readouterr().err
+
+    runs = []
+    real = trajectories.run
+
+    def counting_run(plan, *args, **kwargs):
+        runs.append(plan.nfe)
+        return real(plan, *args, **kwargs)
+
+    trajectories.run = counting_run
+    try:
+        assert main(argv + ["--steps", "2", "3", "--out", str(tmp_path / "plans")]) == 0
+    finally:
+        trajectories.run = real
+    assert runs == [8]  # the 4 prompts fit in one teacher batch, run once for both plans
+    for n, path in ((2, [0, 4]), (3, [0, 3, 5])):  # OLSS-P: an even subsample of the 8 teacher calls
+        plan = StepPlan.load(tmp_path / "plans" / f"olss-{n}.json")
+        assert plan.nfe == n and plan.metadata["calibration"]["path"] == path
+    assert "wrote " + str(tmp_path / "plans" / "olss-3.json") in capsys.readouterr().out
+
+
+def test_quality_study_measures_olss_and_solvers_on_held_out_samples():
+    from fastdiff.testing import olss_quality as oq
+
+    study = oq.gmm_study(calibration_samples=32, teacher="ddim:50", dim=16)
+    teacher, _ = study.measure("teacher", 3)
+    dpm, _ = study.measure("dpmpp_2m", 5)
+    ours, plan = study.measure("olss_uniform_open", 5)
+    assert teacher["nfe"] == 50 and dpm["nfe"] == ours["nfe"] == 5 and plan.metadata["solver"] == "olss"
+    assert ours["path"] == [0, 10, 20, 30, 40]
+    assert ours["rel_error"] < dpm["rel_error"] and teacher["rel_error"] < dpm["rel_error"]
+    # the held-out set is not the calibration set
+    assert not torch.equal(study.held_out.x_T[:32].float(), study.calibration.x_T.float())

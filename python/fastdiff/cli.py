@@ -94,37 +94,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    from . import build_engine
-    from .calibration import olss
-    from .models.registry import calibration_prompts
-
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
-    ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
-    plan = olss.calibrate(
-        engine,
-        prompts,
-        args.steps,
-        teacher=args.teacher,
-        path=args.path,
-        ridge=ridge,
-        closed_loop=not args.open_loop,
-        seed=args.seed,
-        guidance_scale=args.guidance,
-        directory=args.trajectories,
-        batch_size=args.batch_size,
-    )
-    record = plan.metadata["calibration"]
-    record["command"] = "fastdiff " + " ".join(args.argv)
-    plan = plan.with_metadata(calibration=record)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    plan.save(args.out)
+def _print_calibration(engine_name: str, steps: int, record: dict) -> None:
     print(
-        f"OLSS {args.steps} steps on {engine.name}: teacher {record['teacher']}, path {record['path_kind']} "
+        f"OLSS {steps} steps on {engine_name}: teacher {record['teacher']}, path {record['path_kind']} "
         f"{record['path']} (teacher call indices), {'closed' if record['closed_loop'] else 'open'} loop, "
         f"{record['samples']} samples"
     )
@@ -136,7 +108,50 @@ def cmd_calibrate(args) -> int:
             f"| {row['row']} | {row['target']} | {row['rel_residual']:.3g} | {cv} | {row['ridge']:.0e} | "
             f"{row['condition']:.2g} |"
         )
-    print(f"wrote {args.out}")
+
+
+def cmd_calibrate(args) -> int:
+    import tempfile
+
+    from . import build_engine
+    from .calibration import olss
+    from .models.registry import calibration_prompts
+
+    steps_list = list(dict.fromkeys(args.steps))
+    out = Path(args.out)
+    if len(steps_list) > 1 and out.suffix == ".json":
+        raise ValueError(f"--out {out}: several --steps write one plan each, so --out must be a directory")
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
+    ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
+    with tempfile.TemporaryDirectory(prefix="fastdiff-trajectories-") as scratch:
+        # several step counts share one teacher run: the trajectories directory is reused
+        directory = args.trajectories or (scratch if len(steps_list) > 1 else None)
+        for steps in steps_list:
+            plan = olss.calibrate(
+                engine,
+                prompts,
+                steps,
+                teacher=args.teacher,
+                path=args.path,
+                ridge=ridge,
+                closed_loop=not args.open_loop,
+                seed=args.seed,
+                guidance_scale=args.guidance,
+                directory=directory,
+                batch_size=args.batch_size,
+            )
+            record = plan.metadata["calibration"]
+            record["command"] = "fastdiff " + " ".join(args.argv)
+            plan = plan.with_metadata(calibration=record)
+            target = out / f"olss-{steps}.json" if len(steps_list) > 1 else out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            plan.save(target)
+            _print_calibration(engine.name, steps, record)
+            print(f"wrote {target}")
     return 0
 
 
@@ -235,8 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="fit an OLSS plan to a model (least squares on teacher trajectories)")
     p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
-    p.add_argument("--steps", type=int, required=True, help="model calls of the calibrated plan")
-    p.add_argument("--out", required=True, help="write the plan (JSON) here")
+    p.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        required=True,
+        help="model calls of the calibrated plan; several values (e.g. 3 4 5 6 8 10) share one teacher run",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="write the plan (JSON) here; with several --steps a directory that receives olss-N.json per N "
+        "(a model's plans/ directory makes them its shipped plans for sampler 'olss')",
+    )
     p.add_argument(
         "--teacher",
         default="ddim:100",
