@@ -4,7 +4,8 @@
 
 Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log scale) from the
 gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) from the
-tiny-shapes groups, and <out>/timings.md with every benchmark's timing statistics.
+tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solvers on held-out
+samples) and <out>/timings.md with every benchmark's timing statistics.
 """
 
 from __future__ import annotations
@@ -93,6 +94,66 @@ def digits_table(benchmarks: list[dict]) -> str:
     return _sampler_by_steps(benchmarks, "digits-quality", lambda r: f"{100 * r['accuracy']:.1f}% / {r['fd']:.2f}")
 
 
+OLSS_STUDIES = ("gmm", "tiny-shapes", "digits")
+OLSS_REFERENCE = {
+    "gmm": "the exact ODE solution (64-d mixture, 64 held-out x_T; teacher DDIM-1000 on 128 calibration x_T)",
+    "tiny-shapes": "a 1000-step run (32 held-out prompts and noise; teacher DDIM-100 on 64 calibration prompts)",
+    "digits": "a 1000-step run (32 samples with held-out noise; teacher DDIM-100 on 64 calibration samples)",
+}
+
+
+def olss_rows(benchmarks: list[dict], study: str) -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b.get("group") == f"olss-quality-{study}"]
+
+
+def olss_table(rows: list[dict]) -> str:
+    """A row per method (the teacher as one line with its NFE), a column per step count."""
+    teacher = [r for r in rows if r["label"] == "teacher"]
+    rows = [r for r in rows if r["label"] != "teacher"]
+    steps = sorted({r["steps"] for r in rows})
+    cells = {(r["label"], r["steps"]): r for r in rows}
+    lines = ["| method | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        values = ["—" if (label, n) not in cells else f"{cells[(label, n)]['rel_error']:.2e}" for n in steps]
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+    for r in teacher:
+        lines.append(f"| teacher ({r['nfe']} calls) | {r['rel_error']:.2e} |" + " |" * (len(steps) - 1))
+    return "\n".join(lines)
+
+
+def olss_plot(benchmarks: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s)]
+    fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4.5), squeeze=False)
+    for ax, study in zip(axes[0], studies):
+        rows = [r for r in olss_rows(benchmarks, study) if r["label"] != "teacher"]
+        for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
+            points = sorted((r["nfe"], r["rel_error"]) for r in rows if r["label"] == label)
+            olss = label.startswith("olss")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="os^Dv<>p"[i % 8],
+                markersize=3,
+                linestyle="-" if olss else "--",
+                linewidth=1.6 if olss else 1.0,
+                label=label,
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("model calls (NFE)")
+        ax.set_ylabel("relative RMS error vs reference")
+        ax.set_title(study)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def latency_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | min | max | rounds |", "| --- | --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -152,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         (args.out / "digits.md").write_text(text)
         print(f"wrote {args.out / 'digits.md'}")
+    studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s)]
+    if studies:
+        parts = ["# OLSS quality\n\nRelative RMS error of the final latents on samples held out from calibration."]
+        for study in studies:
+            table = olss_table(olss_rows(benchmarks, study))
+            parts.append(f"## {study}\n\nReference: {OLSS_REFERENCE[study]}.\n\n{table}")
+        parts.append(f"Machine: {where}.")
+        (args.out / "olss_quality.md").write_text("\n\n".join(parts) + "\n")
+        olss_plot(benchmarks, args.out / "olss_quality.png")
+        print(f"wrote {args.out / 'olss_quality.md'} and {args.out / 'olss_quality.png'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

@@ -23,8 +23,10 @@ def engine():
 
 
 @pytest.mark.parametrize("steps", [3, 5, 10, 20], ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc_bh2"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc_bh2", "olss"])
 def test_digits_quality(benchmark, engine, sampler, steps):
+    if sampler == "olss" and steps not in engine.shipped_plans():
+        pytest.skip(f"digits ships no OLSS plan for {steps} steps")
     benchmark.group = "digits-quality"
     prompts = [str(d) for d in LABELS]
     out = benchmark.pedantic(

@@ -45,3 +45,35 @@ def test_report_refuses_a_missing_file(tmp_path):
         [sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "none.json")], capture_output=True, text=True
     )
     assert result.returncode == 2 and "no such benchmark JSON" in result.stderr
+
+
+def test_olss_quality_report_renders_a_table_per_study_and_a_plot(tmp_path):
+    def bench(study, label, steps, nfe, error):
+        info = {"study": study, "label": label, "steps": steps, "nfe": nfe, "rel_error": error}
+        stats = {"mean": 0.01, "stddev": 0.0, "min": 0.01, "max": 0.01, "rounds": 1}
+        return {"name": f"x[{label}-{steps}]", "group": f"olss-quality-{study}", "extra_info": info, "stats": stats}
+
+    doc = {
+        "machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"},
+        "benchmarks": [
+            bench("gmm", "teacher", 3, 1000, 1.2e-3),
+            bench("gmm", "dpmpp_2m", 3, 3, 0.25),
+            bench("gmm", "dpmpp_2m", 5, 5, 0.15),
+            bench("gmm", "olss_uniform_closed", 5, 5, 0.018),
+            bench("digits", "ddim", 5, 5, 0.2),
+        ],
+    }
+    path = tmp_path / "olss.json"
+    path.write_text(json.dumps(doc))
+    report = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "report.py"), str(path), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "r" / "olss_quality.md").read_text()
+    assert "## gmm" in text and "## digits" in text and "## tiny-shapes" not in text
+    assert "| dpmpp_2m | 2.50e-01 | 1.50e-01 |" in text
+    assert "| olss_uniform_closed | — | 1.80e-02 |" in text
+    assert "| teacher (1000 calls) | 1.20e-03 |" in text
+    assert (tmp_path / "r" / "olss_quality.png").read_bytes().startswith(b"\x89PNG")

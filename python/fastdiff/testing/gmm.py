@@ -172,17 +172,11 @@ class GaussianMixture:
         return (mu + (x - mu) * ratio).reshape(x_ve.shape)
 
 
-def solver_error(plan, mixture: GaussianMixture, schedule: DiscreteSchedule, x_T: torch.Tensor, reference=None):
-    """Relative RMS error of a plan's result against the exact ODE solution from the same x_T.
-
-    The problem: x_T is the VP latent at the schedule's noisiest training time T−1 (so plans
-    should start there, e.g. timestep_spacing="trailing"), solved to the plan's own end noise
-    level (metadata out_sigma/out_alpha; 0 and 1 for a clean result). Returns (error, result).
-    `reference` may hold {out_sigma: exact x̃} to reuse integrations across plans.
-    """
-    from ..executor import run
-
-    result = run(plan, mixture.denoiser(schedule), x_T).to(torch.float64)
+def exact_result(plan, mixture: GaussianMixture, schedule: DiscreteSchedule, x_T: torch.Tensor, reference=None):
+    """The exact probability-flow ODE solution from x_T (the VP latent at the schedule's noisiest
+    training time T−1) to the plan's own end noise level (metadata out_sigma/out_alpha; 0 and 1
+    for a clean result), float64. `reference` may hold {out_sigma: exact x̃} to reuse
+    integrations across plans."""
     t_max = schedule.num_train_timesteps - 1
     alpha_T = float(schedule.alpha_table[t_max])
     sigma_T = float(schedule.ve_sigma_table[t_max])
@@ -194,6 +188,16 @@ def solver_error(plan, mixture: GaussianMixture, schedule: DiscreteSchedule, x_T
         exact_ve = mixture.ode_solution(x_T.to(torch.float64) / alpha_T, sigma_T, out_sigma)
         if reference is not None:
             reference[out_sigma] = exact_ve
-    exact = out_alpha * exact_ve
+    return out_alpha * exact_ve
+
+
+def solver_error(plan, mixture: GaussianMixture, schedule: DiscreteSchedule, x_T: torch.Tensor, reference=None):
+    """Relative RMS error of a plan's result against the exact ODE solution from the same x_T
+    (`exact_result`; plans should start at T−1, e.g. timestep_spacing="trailing").
+    Returns (error, result)."""
+    from ..executor import run
+
+    result = run(plan, mixture.denoiser(schedule), x_T).to(torch.float64)
+    exact = exact_result(plan, mixture, schedule, x_T, reference)
     error = torch.linalg.vector_norm(result - exact) / torch.linalg.vector_norm(exact)
     return float(error), result
