@@ -48,3 +48,17 @@ def test_digits_draws_the_requested_digits():
 def test_engine_size_stays_small():
     total = sum(p.stat().st_size for p in engines_dir().rglob("*") if p.is_file())
     assert total < 30 * 2**20, f"engines/ holds {total / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("name", ["tiny-shapes", "digits"])
+def test_shipped_olss_plans_are_calibrated_for_their_model(name):
+    engine = _engine(name)
+    assert engine.shipped_plans("olss") == [3, 4, 5, 6, 8, 10]
+    for steps in engine.shipped_plans("olss"):
+        plan = engine.plan_for("olss", steps)  # loads plans/olss-N.json and checks the schedule
+        record = plan.metadata["calibration"]
+        assert plan.nfe == steps and record["command"].startswith("fastdiff calibrate")
+        assert record["teacher_hash"] and len(record["rows"]) == steps
+    prompts = ["3", "7"] if name == "digits" else ["a red circle on a blue background"] * 2
+    out = engine.sample(prompts, steps=5, sampler="olss", seed=0)
+    assert out.nfe == 5 and torch.isfinite(out.latents).all()
