@@ -195,8 +195,10 @@ def test_bad_input_is_named(problem, source):
 
     with pytest.raises(CalibrationError, match=r"NaN/inf in the teacher's model output at call 0"):
         olss.calibrate(nan_model, source.x_T, 3, schedule=source.schedule, teacher="ddim:10", progress=False)
-    with pytest.raises(ValueError, match="path must be 'planned' or 'uniform'"):
+    with pytest.raises(ValueError, match="path must be one of 'planned', 'uniform', 'searched'"):
         olss.calibrate(source, None, 3, path="random", progress=False)
+    with pytest.raises(ValueError, match="'searched' optimises the closed-loop error"):
+        olss.calibrate(source, None, 3, path="searched", closed_loop=False, progress=False)
 
 
 def test_engine_calibration_cli_and_shipped_plan_lookup(untrained_shapes_dir, tmp_path, capsys):
@@ -281,3 +283,19 @@ def test_quality_study_measures_olss_and_solvers_on_held_out_samples():
     assert ours["rel_error"] < dpm["rel_error"] and teacher["rel_error"] < dpm["rel_error"]
     # the held-out set is not the calibration set
     assert not torch.equal(study.held_out.x_T[:32].float(), study.calibration.x_T.float())
+
+
+def test_path_search_lowers_the_held_out_closed_loop_error(source, traj):
+    start = olss.uniform_path(traj.num_teacher_steps, 4)
+    val = np.arange(0, traj.num_samples, 4)
+    train = np.setdiff1d(np.arange(traj.num_samples), val)
+    fits = olss._fit_closed(traj, start, "auto", 5, source, 16, False, samples=train)
+    before = olss._student_error(traj, start, olss._plan_coef(fits), source, val, 16)
+    path, after = olss.search_path(traj, start, source, sweeps=1)
+    assert path[0] == 0 and len(path) == 4 and all(b > a for a, b in zip(path, path[1:]))
+    assert after <= before  # a move is kept only if it lowers the validation error
+    if path == start:
+        assert after == pytest.approx(before)
+    plan = olss.calibrate(source, None, 4, teacher="ddim:40", path="searched", progress=False)
+    record = plan.metadata["calibration"]
+    assert record["path_kind"] == "searched" and record["search_validation_error"] > 0

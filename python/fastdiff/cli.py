@@ -270,9 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--path",
-        choices=("planned", "uniform"),
+        choices=("planned", "uniform", "searched"),
         default="planned",
-        help="planned: the paper's path planning (Alg. 1-3); uniform: OLSS-P, an even subsample of the teacher grid",
+        help="planned: the paper's path planning (Alg. 1-3); uniform: OLSS-P, an even subsample of the teacher "
+        "grid; searched: the planned path refined by coordinate descent on the closed-loop error of a held-out "
+        "quarter of the calibration samples (slower: many closed-loop fits)",
     )
     p.add_argument("--open-loop", action="store_true", help="fit on the teacher's outputs only (default: closed loop)")
     p.add_argument("--ridge", default="auto", help="'auto' (chosen on held-out samples) or a relative λ >= 0")
