@@ -8,6 +8,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _report(*args: str) -> subprocess.CompletedProcess:
+    """Run bench/report.py with these arguments."""
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), *args], capture_output=True, text=True)
+
+
 def test_bench_writes_json_and_report_renders_it(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
@@ -29,11 +34,7 @@ def test_bench_writes_json_and_report_renders_it(tmp_path):
     assert set(infos) == {"ddim", "dpmpp_2m"}
     assert all(0 < info["rel_error"] < 1 and info["nfe"] == 3 for info in infos.values())
 
-    report = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "report.py"), str(out), "--out", str(tmp_path / "results")],
-        capture_output=True,
-        text=True,
-    )
+    report = _report(str(out), "--out", str(tmp_path / "results"))
     assert report.returncode == 0, report.stderr
     table = (tmp_path / "results" / "solver_quality.md").read_text()
     assert "| ddim |" in table and "| dpmpp_2m |" in table
@@ -41,9 +42,7 @@ def test_bench_writes_json_and_report_renders_it(tmp_path):
 
 
 def test_report_refuses_a_missing_file(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "none.json")], capture_output=True, text=True
-    )
+    result = _report(str(tmp_path / "none.json"))
     assert result.returncode == 2 and "no such benchmark JSON" in result.stderr
 
 
@@ -65,11 +64,7 @@ def test_olss_quality_report_renders_a_table_per_study_and_a_plot(tmp_path):
     }
     path = tmp_path / "olss.json"
     path.write_text(json.dumps(doc))
-    report = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "report.py"), str(path), "--out", str(tmp_path / "r")],
-        capture_output=True,
-        text=True,
-    )
+    report = _report(str(path), "--out", str(tmp_path / "r"))
     assert report.returncode == 0, report.stderr
     text = (tmp_path / "r" / "olss_quality.md").read_text()
     assert "## gmm" in text and "## digits" in text and "## tiny-shapes" not in text
