@@ -5,21 +5,15 @@ random split of the real data against the rest is the floor a perfect model coul
 """
 
 import pytest
-import torch
 
-import fastdiff
 from fastdiff.testing import digits_accuracy, digits_fd
 
 LABELS = [d for d in range(10) for _ in range(50)]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(2)
-    try:
-        return fastdiff.build_engine("digits", device="cpu")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def engine(cpu_engine):
+    return cpu_engine("digits")
 
 
 @pytest.mark.parametrize("steps", [3, 5, 10, 20], ids=lambda n: f"N{n}")

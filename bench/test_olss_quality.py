@@ -19,29 +19,20 @@ LABELS = ("teacher", *oq.BASELINES, *oq.OLSS_VARIANTS, "olss_shipped")
 _studies: dict = {}
 
 
-def _study(name: str) -> oq.Study:
+def _study(name: str, cpu_engine) -> oq.Study:
     if name not in _studies:
         torch.set_num_threads(2)
-        if name == "gmm":
-            _studies[name] = oq.gmm_study()
-        else:
-            import fastdiff
-
-            try:
-                engine = fastdiff.build_engine(name, device="cpu")
-            except FileNotFoundError as exc:
-                pytest.skip(str(exc))
-            _studies[name] = oq.engine_study(engine)
+        _studies[name] = oq.gmm_study() if name == "gmm" else oq.engine_study(cpu_engine(name))
     return _studies[name]
 
 
 @pytest.mark.parametrize("steps", oq.STEPS, ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("label", LABELS)
 @pytest.mark.parametrize("study", ["gmm", "tiny-shapes", "digits"])
-def test_olss_quality(benchmark, study, label, steps):
+def test_olss_quality(benchmark, cpu_engine, study, label, steps):
     if label == "teacher" and steps != oq.STEPS[0]:
         pytest.skip("the teacher has one row (its own step count)")
-    s = _study(study)
+    s = _study(study, cpu_engine)
     if label == "olss_shipped" and (s.engine is None or steps not in s.engine.shipped_plans("olss")):
         pytest.skip(f"{study} ships no OLSS plan for {steps} steps")
     row, plan = s.measure(label, steps)

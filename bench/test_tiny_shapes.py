@@ -7,7 +7,6 @@ Needs the shipped engines/tiny-shapes; torch runs on 2 threads like the CI machi
 import pytest
 import torch
 
-import fastdiff
 from fastdiff.models.shapes_data import random_scenes
 from fastdiff.testing import shapes_score
 
@@ -17,12 +16,8 @@ PROMPTS = [s.caption for s in random_scenes(200, torch.Generator().manual_seed(1
 
 
 @pytest.fixture(scope="module")
-def engine():
-    torch.set_num_threads(2)
-    try:
-        return fastdiff.build_engine("tiny-shapes", device="cpu")
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+def engine(cpu_engine):
+    return cpu_engine("tiny-shapes")
 
 
 def test_tiny_shapes_5_step_sample_latency(benchmark, engine):
