@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter; it must be chosen before the
+# kernels are defined (at import of fastdiff.ops.triton_step).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastdiff.schedules import DiscreteSchedule
 

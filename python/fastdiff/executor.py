@@ -9,6 +9,7 @@ copied to the device once, and nothing inside the loop reads device memory back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -102,3 +103,124 @@ def run(
             if callback is not None:
                 callback(k, times[k], slots[step.next_slot])
         return slots[program.result_slot]
+
+
+RawFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class FusedRun:
+    latents: torch.Tensor  # the plan's result
+    nfe: list[int]  # model calls made for each sample
+    unet_calls: int  # batched model invocations (a compacted batch counts once)
+    skipped: list[list[int]]  # per sample, the calls that were skipped
+
+
+def run_fused(
+    plan: StepPlan,
+    raw_fn: RawFn,
+    x_T: torch.Tensor,
+    *,
+    guidance: torch.Tensor | None = None,
+    gate=None,
+    per_sample: bool = True,
+    impl: str = "auto",
+    callback: Callback | None = None,
+) -> FusedRun:
+    """Sample with `plan` using the fused step (`fastdiff.ops.fused_step`) after every model call.
+
+    raw_fn(x, t, index) -> the raw model output for the samples `index` (a long tensor of
+    sample indices, or None for the whole batch): [len, ...] without guidance, or
+    [2·len, ...] = [unconditional; conditional] with guidance (float32 [B] weights w).
+
+    gate: an `AdaptiveGate` (or None). Its decisions are per sample (per_sample=True: the batch
+    is compacted to the samples that need a call; the others reuse their previous output) or one
+    per batch from the batch-mean statistic (per_sample=False, as the reference code does).
+    Compaction needs the flags on the host: one sync per call while a gate is on; without a
+    gate the loop never syncs.
+    """
+    from .ops.step import fused_step
+    from .ops.triton_step import available as triton_available
+
+    if not isinstance(plan, StepPlan):
+        raise TypeError(f"plan must be a StepPlan, got {type(plan).__name__}")
+    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
+        raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
+    if impl == "auto":
+        impl = "triton" if x_T.is_cuda and triton_available() else "torch"
+    host = plan.step_tables()
+    tables = host.on(x_T.device, x_T.dtype)
+    batch = x_T.shape[0]
+    device = x_T.device
+    if guidance is not None:
+        w_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+        guidance = torch.as_tensor(guidance, dtype=w_dtype, device=device).reshape(-1).expand(batch).contiguous()
+    times = torch.tensor(plan.times, dtype=torch.float32, device=device)[:, None].expand(-1, batch).contiguous()
+    basis = torch.empty((host.num_rows, *x_T.shape), dtype=x_T.dtype, device=device)
+    torch.mul(x_T, host.init_coef, out=basis[host.init_row])
+    out = torch.empty_like(x_T) if gate is not None else None
+    nfe = [0] * batch
+    skipped: list[list[int]] = [[] for _ in range(batch)]
+    unet_calls = 0
+    stat = partials = None
+    n = x_T[0].numel()
+    if gate is not None:
+        gate.start(batch if per_sample else 1, device)
+        if impl == "triton":
+            from .ops.triton_step import num_blocks
+
+            partials = torch.empty(batch, num_blocks(basis), dtype=torch.float32, device=device)
+        else:
+            stat = torch.empty(batch, dtype=torch.float32, device=device)
+    flags = None
+    with torch.no_grad():
+        for k in range(host.num_steps):
+            x = basis[int(host.x_row[k])]
+            skip = [False] * batch
+            if flags is not None:
+                skip = flags.tolist() if per_sample else flags.tolist() * batch
+            index = [b for b in range(batch) if not skip[b]]
+            rows = None
+            if len(index) == batch:
+                raw = raw_fn(x, times[k], None) if index else None
+            else:
+                rows_host = [-1] * batch
+                for r, b in enumerate(index):
+                    rows_host[b] = r
+                rows = torch.tensor(rows_host, dtype=torch.int32, device=device)
+                if index:
+                    sel = torch.tensor(index, dtype=torch.long, device=device)
+                    raw = raw_fn(x.index_select(0, sel), times[k].index_select(0, sel), sel)
+                else:
+                    raw = x.new_empty((0, *x.shape[1:]))
+            if index:
+                unet_calls += 1
+                raw = _adopt_raw(raw, x, k, len(index) * (1 if guidance is None else 2))
+            for b in range(batch):
+                if skip[b]:
+                    skipped[b].append(k)
+                else:
+                    nfe[b] += 1
+            fused_step(k, raw, guidance, basis, tables, rows=rows, out=out, stat=stat, partials=partials, impl=impl)
+            if gate is not None and k + 1 < host.num_steps:
+                if partials is not None:
+                    p = partials if per_sample else partials.view(1, -1)
+                    flags = gate.observe_partials(p, n if per_sample else n * batch)
+                else:
+                    flags = gate.observe_stat(stat if per_sample else stat.mean().reshape(1))
+            if callback is not None:
+                callback(k, times[k], basis[int(host.dst[k, 1])])
+    return FusedRun(basis[host.result_row].clone(), nfe, unet_calls, skipped)
+
+
+def _adopt_raw(raw, x: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+    if not isinstance(raw, torch.Tensor):
+        raise ModelOutputError(f"model call {k} returned {type(raw).__name__}, expected a torch.Tensor")
+    if raw.shape != (rows, *x.shape[1:]):
+        raise ModelOutputError(
+            f"model call {k} returned shape {tuple(raw.shape)}; expected {(rows, *x.shape[1:])} "
+            "(the raw output, [uncond; cond] under guidance)"
+        )
+    if raw.device != x.device:
+        raise ModelOutputError(f"model call {k} returned a tensor on {raw.device}, the latents are on {x.device}")
+    return raw if raw.dtype == x.dtype else raw.to(x.dtype)

@@ -39,10 +39,22 @@ class AdaptiveGate:
     def reset(self) -> None:
         """Forget the trajectory: call at the start of every sampling call."""
         self._prev: torch.Tensor | None = None  # x_{k−1} (a copy: loops overwrite latents in place)
-        self._d1: torch.Tensor | None = None  # d_{k−1}
+        self._d1: torch.Tensor | None = None  # d_{k−1}, float32 [B]
         self._d2: torch.Tensor | None = None  # d_{k−2}
-        self._run: torch.Tensor | None = None  # consecutive skips so far, per sample
+        self._run: torch.Tensor | None = None  # consecutive skips so far, int32 [B]
         self.calls = 0  # latents observed since the reset (= index of the next model call)
+
+    def start(self, batch: int, device) -> None:
+        """Reset and record the first model input x_0 of a batch (call 0 is always made); the
+        next statistic passed to `observe_stat` is then d_1."""
+        self.reset()
+        self._d1 = torch.zeros(batch, dtype=torch.float32, device=device)
+        self._d2 = torch.zeros_like(self._d1)
+        self._run = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.calls = 1
+
+    def _active(self, k: int) -> bool:
+        return k >= max(3, self.warmup)  # the rule needs d_{k−2}: never before call 3
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
         """Record the next model input x_k ([B, ...]); return a bool [B] tensor on x's device,
@@ -54,18 +66,57 @@ class AdaptiveGate:
                 f"AdaptiveGate.observe: latent {tuple(x.shape)} on {x.device} after {tuple(self._prev.shape)} on "
                 f"{self._prev.device}: call reset() before a new sampling call"
             )
-        k = self.calls
-        self.calls += 1
         batch = x.shape[0]
-        skip = torch.zeros(batch, dtype=torch.bool, device=x.device)
         if self._prev is None:
-            self._run = torch.zeros(batch, dtype=torch.int32, device=x.device)
+            self.start(batch, x.device)
+            skip = torch.zeros(batch, dtype=torch.bool, device=x.device)
         else:
-            d = (x.float() - self._prev.float()).abs().reshape(batch, -1).mean(dim=1)
-            if self._d2 is not None and k >= self.warmup:
-                third = (d - 2 * self._d1 + self._d2).abs()
-                skip = (third <= 2 * self.delta * self._d1) & (self._run < self.max_skips)
-            self._d2, self._d1 = self._d1, d
-        self._run = torch.where(skip, self._run + 1, torch.zeros_like(self._run))
+            skip = self.observe_stat((x.float() - self._prev.float()).abs().reshape(batch, -1).mean(dim=1))
         self._prev = x.detach().clone()
         return skip
+
+    def observe_stat(self, d: torch.Tensor) -> torch.Tensor:
+        """The decision for call k from d_k = mean|x_k − x_{k−1}| (float32 [B], e.g. from the
+        fused step) after `start`; returns the bool [B] skip flags and advances the state."""
+        if self._run is None:
+            raise RuntimeError("AdaptiveGate.observe_stat: call start(batch, device) first")
+        if d.shape != self._d1.shape or d.device != self._d1.device:
+            raise ValueError(
+                f"AdaptiveGate.observe_stat: statistic {tuple(d.shape)} on {d.device} for a batch of "
+                f"{tuple(self._d1.shape)} on {self._d1.device}"
+            )
+        k = self.calls
+        self.calls += 1
+        d = d.to(torch.float32, copy=True)  # the caller may reuse its buffer
+        if self._active(k):
+            third = (d - 2 * self._d1 + self._d2).abs()
+            skip = (third <= 2 * self.delta * self._d1) & (self._run < self.max_skips)
+        else:
+            skip = torch.zeros(d.shape, dtype=torch.bool, device=d.device)
+        self._d2, self._d1 = self._d1, d
+        self._run = torch.where(skip, self._run + 1, torch.zeros_like(self._run))
+        return skip
+
+    def observe_partials(self, partials: torch.Tensor, n: int) -> torch.Tensor:
+        """Like `observe_stat` with d_k given as per-block sums of |x_k − x_{k−1}| over n
+        elements per sample (float32 [B, blocks], from the Triton fused step): one Triton launch
+        reduces and decides, keeping the state on the device."""
+        from .ops import triton_step
+
+        if self._run is None:
+            raise RuntimeError("AdaptiveGate.observe_partials: call start(batch, device) first")
+        k = self.calls
+        self.calls += 1
+        flags = torch.empty(self._run.shape, dtype=torch.int8, device=self._run.device)
+        triton_step.gate_decide(
+            partials,
+            n,
+            self._d1,
+            self._d2,
+            self._run,
+            flags,
+            active=self._active(k),
+            delta=self.delta,
+            max_skips=self.max_skips,
+        )
+        return flags.view(torch.bool)

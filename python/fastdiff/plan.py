@@ -94,6 +94,7 @@ class StepPlan:
         self.times.setflags(write=False)
         self.coef.setflags(write=False)
         self._recurrent = None
+        self._step_tables = None
         self.validate()
 
     # ---------------------------------------------------------------- basic facts
@@ -372,3 +373,11 @@ class StepPlan:
 
             self._recurrent = compile_plan(self.coef)
         return self._recurrent
+
+    def step_tables(self):
+        """The recurrent form as fused-step tables (`fastdiff.ops.step`), computed once."""
+        if self._step_tables is None:
+            from .ops.step import step_tables
+
+            self._step_tables = step_tables(self.recurrent())
+        return self._step_tables

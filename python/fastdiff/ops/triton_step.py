@@ -1,0 +1,226 @@
+"""Triton kernels of the fused sampling step and of the gate's decision (see `fastdiff.ops.step`).
+
+`fused_step` is one launch per call: a grid of (blocks of the per-sample latent) × (batch);
+every program loads its block of the model output(s), the input latent and the table's columns
+once, stores the output's slot and the next input, and writes one partial sum of |x^(k+1) − x^(k)|.
+`gate_decide` is the one tiny follow-up kernel when the AdaptiveDiffusion gate is on: per
+sample, it reduces the partials to d_k and applies the third-order rule, keeping d_{k−1},
+d_{k−2} and the consecutive-skip count on the device.
+
+On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which
+is how the CPU test suite holds them to the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BLOCK = 1024  # elements of one sample per program
+
+try:  # Triton ships with CUDA builds of torch; CPU builds may not have it.
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    triton = tl = None
+    _IMPORT_ERROR = exc
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def available() -> bool:
+    """True when the kernels can run: Triton is installed (on a GPU, or interpreted on the CPU)."""
+    return triton is not None
+
+
+def why_unavailable() -> str | None:
+    if triton is None:
+        return f"Triton is not installed ({_IMPORT_ERROR}); it ships with CUDA builds of torch"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_step_kernel(
+        raw_ptr,
+        w_ptr,
+        basis_ptr,
+        out_ptr,
+        rows_ptr,
+        part_ptr,
+        dst_ptr,
+        src_ptr,
+        coef_ptr,
+        gcoef_ptr,
+        x_row_ptr,
+        k,
+        n,
+        batch,
+        computed,
+        nblocks,
+        HAS_W: tl.constexpr,
+        HAS_ROWS: tl.constexpr,
+        HAS_OUT: tl.constexpr,
+        HAS_STAT: tl.constexpr,
+        WIDTH: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        b = tl.program_id(1)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        slot_stride = batch.to(tl.int64) * n
+        sample = b.to(tl.int64) * n + offs
+        acc_ty = tl.float64 if basis_ptr.dtype.element_ty == tl.float64 else tl.float32
+        if HAS_ROWS:
+            r = tl.load(rows_ptr + b)
+        else:
+            r = b
+        if r >= 0:
+            u = tl.load(raw_ptr + r.to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
+            if HAS_W:
+                c = tl.load(raw_ptr + (computed + r).to(tl.int64) * n + offs, mask=mask, other=0.0).to(acc_ty)
+                w = tl.load(w_ptr + b).to(acc_ty)
+                g = u + w * (c - u)
+            else:
+                g = u
+            if HAS_OUT:
+                tl.store(out_ptr + sample, g.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            g = tl.load(out_ptr + sample, mask=mask, other=0.0).to(acc_ty)
+        x_row = tl.load(x_row_ptr + k)
+        x = tl.load(basis_ptr + x_row.to(tl.int64) * slot_stride + sample, mask=mask, other=0.0).to(acc_ty)
+        new = x
+        for i in tl.static_range(2):
+            d = tl.load(dst_ptr + 2 * k + i)
+            if d >= 0:
+                value = tl.load(gcoef_ptr + 2 * k + i).to(acc_ty) * g
+                for j in tl.static_range(WIDTH):
+                    s = tl.load(src_ptr + (2 * k + i) * WIDTH + j)
+                    if s >= 0:
+                        cj = tl.load(coef_ptr + (2 * k + i) * WIDTH + j).to(acc_ty)
+                        v = tl.load(basis_ptr + s.to(tl.int64) * slot_stride + sample, mask=mask, other=0.0)
+                        value += cj * v.to(acc_ty)
+                stored = value.to(basis_ptr.dtype.element_ty)
+                tl.store(basis_ptr + d.to(tl.int64) * slot_stride + sample, stored, mask=mask)
+                if i == 1:
+                    new = stored.to(acc_ty)
+        if HAS_STAT:
+            diff = tl.where(mask, tl.abs(new - x), 0.0).to(tl.float32)
+            tl.store(part_ptr + b * nblocks + pid, tl.sum(diff, axis=0))
+
+    @triton.jit
+    def _gate_kernel(
+        part_ptr,
+        d1_ptr,
+        d2_ptr,
+        run_ptr,
+        flag_ptr,
+        nblocks,
+        n,
+        active,
+        delta,
+        max_skips,
+        RBLOCK: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        idx = tl.arange(0, RBLOCK)  # RBLOCK >= nblocks: one load per sample
+        d = tl.sum(tl.load(part_ptr + b * nblocks + idx, mask=idx < nblocks, other=0.0), axis=0) / n
+        d1 = tl.load(d1_ptr + b)
+        d2 = tl.load(d2_ptr + b)
+        run = tl.load(run_ptr + b)
+        third = tl.abs(d - 2.0 * d1 + d2)
+        skip = (active != 0) & (third <= 2.0 * delta * d1) & (run < max_skips)
+        tl.store(d2_ptr + b, d1)
+        tl.store(d1_ptr + b, d)
+        tl.store(run_ptr + b, tl.where(skip, run + 1, 0))
+        tl.store(flag_ptr + b, skip.to(tl.int8))
+
+
+def _require() -> None:
+    if triton is None:
+        raise RuntimeError(f"fastdiff.ops: the Triton kernels need Triton: {why_unavailable()}")
+
+
+def _on_device(*tensors: torch.Tensor) -> None:
+    """Triton launches on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    device = tensors[0].device
+    if device.type == "cpu" and not interpreted():
+        raise RuntimeError(
+            "fastdiff.ops: Triton kernels need CUDA tensors (CPU tensors run only with TRITON_INTERPRET=1); "
+            "use impl='torch' on the CPU"
+        )
+
+
+def num_blocks(basis: torch.Tensor) -> int:
+    n = basis[0, 0].numel()
+    return -(-n // BLOCK)
+
+
+def fused_step(k, raw, guidance, basis, tables, rows=None, out=None, stat=None, partials=None) -> None:
+    """Triton implementation of `fastdiff.ops.step.fused_step` (arguments checked there).
+
+    partials: optional float32 [B, num_blocks(basis)] buffer for the per-block sums of
+    |x^(k+1) − x^(k)| (the gate's decision kernel reduces them); with stat instead, they are
+    reduced here with torch.
+    """
+    _require()
+    _on_device(basis)
+    if basis.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"fastdiff.ops: the Triton step supports float16/bfloat16/float32/float64, got {basis.dtype}")
+    batch = basis.shape[1]
+    n = basis[0, 0].numel()
+    nblocks = -(-n // BLOCK)
+    raw = raw.contiguous()
+    want_stat = stat is not None or partials is not None
+    if want_stat and partials is None:
+        partials = torch.empty(batch, nblocks, dtype=torch.float32, device=basis.device)
+    if partials is not None and (partials.shape != (batch, nblocks) or partials.dtype != torch.float32):
+        raise ValueError(f"fastdiff.ops: partials must be float32 [{batch}, {nblocks}]")
+    computed = raw.shape[0] // (1 if guidance is None else 2)
+    dummy = basis  # placeholder pointer for absent optional arguments (never read)
+    w = guidance.to(tables.coef.dtype).contiguous() if guidance is not None else dummy
+    _fused_step_kernel[(nblocks, batch)](
+        raw,
+        w,
+        basis,
+        out if out is not None else dummy,
+        rows if rows is not None else dummy,
+        partials if partials is not None else dummy,
+        tables.dst,
+        tables.src,
+        tables.coef,
+        tables.gcoef,
+        tables.x_row,
+        k,
+        n,
+        batch,
+        computed,
+        nblocks,
+        HAS_W=guidance is not None,
+        HAS_ROWS=rows is not None,
+        HAS_OUT=out is not None,
+        HAS_STAT=want_stat,
+        WIDTH=tables.host.width,
+        BLOCK=BLOCK,
+    )
+    if stat is not None:
+        stat.copy_(partials.sum(dim=1) / n)
+
+
+def gate_decide(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int) -> None:
+    """Reduce the step's partial sums to d_k and apply the rule; updates d1, d2, run in place
+    and writes flags (int8 [B], 1 = skip the next call)."""
+    _require()
+    _on_device(partials)
+    batch, nblocks = partials.shape
+    rblock = max(16, triton.next_power_of_2(nblocks))
+    _gate_kernel[(batch,)](
+        partials, d1, d2, run, flags, nblocks, n, int(active), float(delta), int(max_skips), RBLOCK=rblock
+    )
