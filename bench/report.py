@@ -5,7 +5,8 @@
 Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log scale) from the
 gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) from the
 tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solvers on held-out
-samples) and <out>/timings.md with every benchmark's timing statistics.
+samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PSNR) and
+<out>/timings.md with every benchmark's timing statistics.
 """
 
 from __future__ import annotations
@@ -166,6 +167,64 @@ def latency_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def gate_rows(benchmarks: list[dict]) -> list[dict]:
+    rows = []
+    for b in benchmarks:
+        if b.get("group") == "gate-quality":
+            rows.append({**b["extra_info"], "seconds": b["stats"]["mean"]})
+    return rows
+
+
+def gate_table(rows: list[dict]) -> str:
+    lines = [
+        "| solver | N | delta | decisions | calls/sample | fewer calls | PSNR (all) | PSNR median / worst | "
+        "adherence (no skip) | wall time vs no skip |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["steps"], r["delta"], r["mode"])):
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['delta']:g} | per {r['mode']} | {r['mean_calls']:.2f} | "
+            f"{r['call_reduction']:.2f}x | {r['psnr']:.1f} dB | {r['psnr_median']:.1f} / {r['psnr_worst']:.1f} dB | "
+            f"{r['adherence'] * 100:.1f}% ({r['adherence_no_skip'] * 100:.1f}%) | "
+            f"{r['seconds']:.1f} s vs {r['seconds_no_skip']:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def gate_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    configs = sorted({(r["sampler"], r["steps"], r["mode"]) for r in rows})
+    for i, (sampler, steps, mode) in enumerate(configs):
+        points = sorted(
+            (r["call_reduction"], r["psnr"])
+            for r in rows
+            if (r["sampler"], r["steps"], r["mode"]) == (sampler, steps, mode)
+        )
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o" if mode == "sample" else "s",
+            linestyle="-" if mode == "sample" else "--",
+            color=plt.cm.tab10.colors[(i // 2) % 10],
+            label=f"{sampler} N={steps}, per {mode}",
+        )
+    ax.axhline(24, color="grey", linewidth=0.8, linestyle=":")
+    ax.axvline(2, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_xlabel("fewer UNet calls (N / mean calls per sample)")
+    ax.set_ylabel("PSNR vs the same run without skipping (dB)")
+    ax.set_title("AdaptiveDiffusion gate on tiny-shapes (delta sweep)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -223,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "olss_quality.md").write_text("\n\n".join(parts) + "\n")
         olss_plot(benchmarks, args.out / "olss_quality.png")
         print(f"wrote {args.out / 'olss_quality.md'} and {args.out / 'olss_quality.png'}")
+    rows = gate_rows(benchmarks)
+    if rows:
+        text = (
+            "# AdaptiveDiffusion gate on tiny-shapes\n\nUNet calls saved and fidelity to the same run without "
+            "skipping: PSNR of the 8-bit 32x32 images (over all images, and per image median / worst), prompt "
+            "adherence of 200 prompts (one batch, seed 0), max_skips 4, warmup 3. Wall time is one run on the "
+            f"CPU. Machine: {where}.\n\n{gate_table(rows)}\n"
+        )
+        (args.out / "gate_quality.md").write_text(text)
+        gate_plot(rows, args.out / "gate_quality.png")
+        print(f"wrote {args.out / 'gate_quality.md'} and {args.out / 'gate_quality.png'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

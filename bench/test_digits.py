@@ -30,7 +30,7 @@ def test_digits_quality(benchmark, engine, sampler, steps):
         {
             "sampler": sampler,
             "steps": steps,
-            "nfe": out.nfe,
+            "nfe": out.unet_calls,
             "accuracy": digits_accuracy(out.images, LABELS),
             "fd": digits_fd(out.images),
         }

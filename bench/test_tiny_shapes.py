@@ -25,7 +25,7 @@ def test_tiny_shapes_5_step_sample_latency(benchmark, engine):
     engine.sample(prompt, steps=5, seed=0)  # warm-up: plan compile, allocator
     benchmark.group = "tiny-shapes-latency"
     out = benchmark.pedantic(engine.sample, args=(prompt,), kwargs={"steps": 5, "seed": 0}, rounds=20, iterations=1)
-    benchmark.extra_info.update({"nfe": out.nfe, "threads": torch.get_num_threads(), "timings": out.timings})
+    benchmark.extra_info.update({"nfe": out.unet_calls, "threads": torch.get_num_threads(), "timings": out.timings})
 
 
 @pytest.mark.parametrize("steps", STEPS, ids=lambda n: f"N{n}")
@@ -38,4 +38,4 @@ def test_tiny_shapes_adherence(benchmark, engine, sampler, steps):
         engine.sample, args=(PROMPTS,), kwargs={"steps": steps, "sampler": sampler, "seed": 0}, rounds=1, iterations=1
     )
     score = shapes_score(out.images, PROMPTS)
-    benchmark.extra_info.update({"sampler": sampler, "steps": steps, "nfe": out.nfe, **score})
+    benchmark.extra_info.update({"sampler": sampler, "steps": steps, "nfe": out.unet_calls, **score})

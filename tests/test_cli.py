@@ -1,6 +1,7 @@
 """The fastdiff command line: every subcommand runs, explains itself and fails clearly."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,14 @@ def test_sample_writes_pngs_and_says_where(untrained_shapes_dir, tmp_path, capsy
     written = [tmp_path / "img" / "x-0.png", tmp_path / "img" / "x-1.png"]
     assert f"wrote {written[0]}, {written[1]}" in printed and "3 UNet calls" in printed and "seed 5" in printed
     assert all(Image.open(p).size == (96, 96) for p in written)
+
+
+def test_sample_with_skipping_prints_the_calls_per_image(untrained_shapes_dir, tmp_path, capsys):
+    argv = ["sample", "a green square", "--model", str(untrained_shapes_dir), "--device", "cpu", "--steps", "12"]
+    argv += ["--seed", "2", "--num-images", "2", "--skip-delta", "0.5", "--out", str(tmp_path / "s.png")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"\d+ UNet calls of 12 \(per image: \d+, \d+\)", printed), printed
 
 
 def test_sample_errors_exit_with_code_2(untrained_shapes_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ def test_sample_returns_images_latents_nfe_and_timings(engine):
     out = engine.sample("a red circle on a blue background", steps=5, seed=3)
     assert len(out.images) == 1 and out.images[0].size == (32, 32) and out.images[0].mode == "RGB"
     assert out.latents.shape == (1, 4, 8, 8)
-    assert out.nfe == 5 and out.plan.nfe == 5 and out.seed == 3
+    assert out.nfe == [5] * len(out.prompts) and out.unet_calls == 5 and out.plan.nfe == 5 and out.seed == 3
     assert set(out.timings) == {"encode", "denoise", "decode", "total"}
     assert out.timings["total"] >= out.timings["denoise"] > 0
     assert out.random_weights is False and out.notes == []
@@ -53,13 +53,13 @@ def test_plans_are_cached_per_sampler_and_steps(engine):
     assert engine.plan_for("dpmpp_2m", 6) is engine.plan_for("dpmpp_2m", 6)
     assert engine.plan_for("dpmpp_2m_karras", 6) is not engine.plan_for("dpmpp_2m", 6)
     out = engine.sample("a red circle on a blue background", steps=6, sampler="unipc_bh2", seed=0)
-    assert out.plan is engine.plan_for("unipc_bh2", 6) and out.nfe == 6
+    assert out.plan is engine.plan_for("unipc_bh2", 6) and out.nfe == [6] * len(out.prompts)
 
 
 def test_an_explicit_plan_overrides_sampler_and_steps(engine):
     plan = engine.plan_for("ddim", 4)
     out = engine.sample("a red circle on a blue background", steps=50, plan=plan, seed=0)
-    assert out.nfe == 4 and out.plan is plan
+    assert out.nfe == [4] * len(out.prompts) and out.plan is plan
 
 
 @pytest.mark.parametrize(
@@ -72,6 +72,8 @@ def test_an_explicit_plan_overrides_sampler_and_steps(engine):
         ({"num_images": 0}, ValueError, "num_images must be an integer >= 1"),
         ({"sampler": "lms"}, ValueError, "unknown sampler 'lms'"),
         ({"negative_prompt": ["a", "b"]}, ValueError, "2 negative prompts for 1 prompts"),
+        ({"skip": "always"}, ValueError, "skip must be None, 'adaptive' or an AdaptiveGate"),
+        ({"skip": "adaptive", "fused": False}, ValueError, "skip= needs the fused step"),
     ],
 )
 def test_bad_arguments_name_the_problem(engine, kwargs, error, message):
@@ -133,3 +135,33 @@ def test_bad_dtype_and_backend_are_refused(untrained_shapes_dir):
         fastdiff.build_engine(untrained_shapes_dir, device="cpu", dtype="float8")
     with pytest.raises(ValueError, match="unknown or unavailable backend 'tensorrt'"):
         fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="tensorrt")
+
+
+def test_the_fused_step_gives_the_executors_latents(engine):
+    prompts = ["a red circle on a blue background", "a green square", "two yellow triangles"]
+    plain = engine.sample(prompts, steps=6, seed=5, guidance_scale=2.5)
+    fused = engine.sample(prompts, steps=6, seed=5, guidance_scale=2.5, fused=True)
+    assert fused.nfe == [6, 6, 6] and fused.unet_calls == 6
+    assert torch.allclose(fused.latents, plain.latents, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_skipping_reports_the_calls_made_per_image(engine, monkeypatch):
+    from fastdiff.gate import AdaptiveGate
+
+    batches = []
+    unet = engine.unet
+    forward = unet.forward
+
+    def counting(x, *args, **kwargs):
+        batches.append(x.shape[0])
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", counting)
+    prompts = ["a red circle on a blue background", "a green square", "two yellow triangles"]
+    out = engine.sample(prompts, steps=20, seed=1, skip=AdaptiveGate(delta=0.2, max_skips=3))
+    assert len(out.nfe) == 3 and all(3 <= n <= 20 for n in out.nfe) and min(out.nfe) < 20
+    assert out.unet_calls == len(batches) and sum(batches) == 2 * sum(out.nfe)  # guided: 2 rows per sample
+    assert [20 - len(s) for s in out.skipped] == out.nfe
+    again = engine.sample(prompts, steps=20, seed=1, skip=AdaptiveGate(delta=0.2, max_skips=3))
+    assert again.nfe == out.nfe and torch.equal(again.latents, out.latents)  # a fresh state per call
+    assert engine.sample(prompts[0], steps=20, seed=1, skip="adaptive").nfe[0] <= 20

@@ -11,8 +11,7 @@ import torch
 
 from fastdiff import solvers
 from fastdiff.executor import run, run_fused
-from fastdiff.ops import fused_step
-from fastdiff.ops import triton_step
+from fastdiff.ops import fused_step, triton_step
 from fastdiff.ops.step import StepTableError, StepTables, step_tables
 from fastdiff.plan import StepPlan
 from fastdiff.recurrent import LinOp, RecurrentPlan, RecurrentStep
@@ -281,6 +280,42 @@ def test_per_batch_decisions_skip_whole_calls(sd_schedule):
     assert set(seen) == {3} and len(set(got.nfe)) == 1 and got.nfe[0] == len(seen) < plan.nfe
 
 
+def test_the_fused_loop_without_a_gate_never_reads_device_data_back(sd_schedule, monkeypatch):
+    from tests.test_executor import HostSync
+
+    plan = solvers.build("unipc", sd_schedule, 8, solver_order=3)
+    model = gmm_model(sd_schedule)
+    raw_fn, _ = guided_model(model, 3.0)
+    x_T = odd_latents()
+    expected = run_fused(plan, raw_fn, x_T, guidance=3.0, impl="torch").latents  # warm: tables
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+
+        def refuse(self, *args, _name=method, **kwargs):
+            raise HostSync(f"the fused loop called Tensor.{_name}()")
+
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+    result = run_fused(plan, raw_fn, x_T, guidance=3.0, impl="torch").latents
+    monkeypatch.undo()
+    assert torch.equal(result, expected)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_no_synchronisation_in_the_triton_loop_on_cuda(sd_schedule):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    plan = solvers.build("dpmpp_2m", sd_schedule, 10)
+    model = gmm_model(sd_schedule)
+    x_T = odd_latents().cuda()
+    raw_fn, _ = guided_model(model, 2.0)
+    run_fused(plan, raw_fn, x_T, guidance=2.0, impl="triton")  # warm-up: kernel compile
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_fused(plan, raw_fn, x_T, guidance=2.0, impl="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -324,9 +359,7 @@ def test_bad_arguments_are_named(mutate, message):
     args = mutate(args)
     before = basis.clone()
     with pytest.raises((ValueError, IndexError), match=message):
-        fused_step(
-            args.pop("k"), args.pop("raw"), args.pop("guidance"), args.pop("basis"), args.pop("tables"), **args
-        )
+        fused_step(args.pop("k"), args.pop("raw"), args.pop("guidance"), args.pop("basis"), args.pop("tables"), **args)
     assert torch.equal(basis, before)  # nothing was written
 
 

@@ -82,7 +82,27 @@ def test_bad_settings_and_input_are_named():
         AdaptiveGate(warmup=1.5)
     with pytest.raises(ValueError, match="expected a floating-point latent tensor"):
         AdaptiveGate().observe(torch.ones(2, 3, dtype=torch.int64))
-    assert repr(AdaptiveGate(0.004, 6, 3)) == "AdaptiveGate(delta=0.004, max_skips=6, warmup=3)"
+    assert repr(AdaptiveGate(0.004, 6, 3)) == "AdaptiveGate(delta=0.004, max_skips=6, warmup=3, per_sample=True)"
+    with pytest.raises(RuntimeError, match=r"call start\(batch, device\) first"):
+        AdaptiveGate().observe_stat(torch.ones(3))
+    gate = AdaptiveGate()
+    gate.start(3, "cpu")
+    with pytest.raises(ValueError, match=r"statistic \(2,\) on cpu for a batch of \(3,\)"):
+        gate.observe_stat(torch.ones(2))
+
+
+def test_statistics_from_the_fused_step_give_the_same_decisions_as_latents():
+    g = torch.Generator().manual_seed(4)
+    trajectory = [torch.randn(3, 2, 11, generator=g) * (1 + 0.03 * k) + k for k in range(10)]
+    from_latents = _decisions(AdaptiveGate(delta=0.3, max_skips=2), trajectory)
+    gate = AdaptiveGate(delta=0.3, max_skips=2)
+    gate.start(3, "cpu")
+    stat = torch.empty(3)
+    flags = [torch.zeros(3, dtype=torch.bool)]
+    for k in range(1, 10):
+        stat.copy_((trajectory[k] - trajectory[k - 1]).abs().reshape(3, -1).mean(1))  # one reused buffer
+        flags.append(gate.observe_stat(stat))
+    assert torch.equal(torch.stack(flags).T, from_latents) and from_latents.any()
 
 
 def test_max_skips_zero_never_skips():

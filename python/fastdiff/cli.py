@@ -65,6 +65,9 @@ def cmd_plan(args) -> int:
 
 def cmd_sample(args) -> int:
     from . import build_engine
+    from .gate import AdaptiveGate
+
+    skip = None if args.skip_delta is None else AdaptiveGate(delta=args.skip_delta, max_skips=args.max_skips)
 
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler, weights=args.weights)
     out = engine.sample(
@@ -76,6 +79,7 @@ def cmd_sample(args) -> int:
         num_images=args.num_images,
         height=args.height,
         width=args.width,
+        skip=skip,
     )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +91,10 @@ def cmd_sample(args) -> int:
         image.save(target)
         written.append(str(target))
     timings = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in out.timings.items())
-    print(f"{engine!r}: {out.nfe} UNet calls ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
+    calls = f"{out.unet_calls} UNet calls"
+    if skip is not None:
+        calls += f" of {out.plan.nfe} (per image: {', '.join(map(str, out.nfe))})"
+    print(f"{engine!r}: {calls} ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
     for note in out.notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(written))
@@ -242,6 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
     )
     p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    p.add_argument(
+        "--skip-delta",
+        type=float,
+        default=None,
+        help="skip UNet calls with the AdaptiveDiffusion gate at this threshold delta (e.g. 0.01; larger skips "
+        "more); the calls made per image are printed (default: no skipping)",
+    )
+    p.add_argument(
+        "--max-skips", type=int, default=4, help="with --skip-delta: at most this many consecutive skips (default 4)"
+    )
     p.add_argument("--out", default="sample.png", help="PNG path; with several images -0, -1, ... are appended")
     p.add_argument(
         "--scale", type=int, default=1, help="enlarge the saved PNG by this integer factor (nearest neighbour)"

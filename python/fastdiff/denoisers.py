@@ -48,6 +48,27 @@ class GuidedDenoiser:
             self.kwargs = dict(cond)
             self.scale = None
 
+    def weights(self, batch: int, device) -> torch.Tensor | None:
+        """The guidance weights as a float32 [batch] tensor (for the fused step), None without guidance."""
+        if not self.guided:
+            return None
+        w = self.scale if isinstance(self.scale, torch.Tensor) else torch.tensor(float(self.scale))
+        return w.reshape(-1).to(device=device, dtype=torch.float32).expand(batch).contiguous()
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's raw output for the samples `index` (None: all): [uncond; cond] (2·len
+        rows) under guidance, else the conditional output; guidance is left to the fused step."""
+        self.calls += 1
+        kwargs = self.kwargs
+        if index is not None:
+            if self.guided:
+                half = next(iter(kwargs.values())).shape[0] // 2
+                index = torch.cat([index, index + half])
+            kwargs = {key: value.index_select(0, index.to(value.device)) for key, value in kwargs.items()}
+        if not self.guided:
+            return self.unet(x, t, **kwargs, return_dict=False)[0]
+        return self.unet(torch.cat([x, x]), torch.cat([t, t]), **kwargs, return_dict=False)[0]
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         if not self.guided:

@@ -123,7 +123,7 @@ def run_fused(
     *,
     guidance: torch.Tensor | None = None,
     gate=None,
-    per_sample: bool = True,
+    per_sample: bool | None = None,
     impl: str = "auto",
     callback: Callback | None = None,
 ) -> FusedRun:
@@ -135,7 +135,8 @@ def run_fused(
 
     gate: an `AdaptiveGate` (or None). Its decisions are per sample (per_sample=True: the batch
     is compacted to the samples that need a call; the others reuse their previous output) or one
-    per batch from the batch-mean statistic (per_sample=False, as the reference code does).
+    per batch from the batch-mean statistic (per_sample=False, as the reference code does);
+    per_sample=None takes the gate's own setting.
     Compaction needs the flags on the host: one sync per call while a gate is on; without a
     gate the loop never syncs.
     """
@@ -146,6 +147,8 @@ def run_fused(
         raise TypeError(f"plan must be a StepPlan, got {type(plan).__name__}")
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
         raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
+    if per_sample is None:
+        per_sample = gate.per_sample if gate is not None else True
     if impl == "auto":
         impl = "triton" if x_T.is_cuda and triton_available() else "torch"
     host = plan.step_tables()

@@ -22,7 +22,7 @@ import torch
 
 
 class AdaptiveGate:
-    def __init__(self, delta: float = 0.01, max_skips: int = 4, warmup: int = 3):
+    def __init__(self, delta: float = 0.01, max_skips: int = 4, warmup: int = 3, per_sample: bool = True):
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
             raise ValueError(f"AdaptiveGate: delta must be a number >= 0, got {delta!r}")
         for name, value in (("max_skips", max_skips), ("warmup", warmup)):
@@ -31,10 +31,16 @@ class AdaptiveGate:
         self.delta = float(delta)
         self.max_skips = max_skips
         self.warmup = warmup
+        # per_sample=False: the sampling loop decides for the whole batch from the batch-mean
+        # statistic (the reference code's behaviour; what a graph-captured loop can use).
+        self.per_sample = bool(per_sample)
         self.reset()
 
     def __repr__(self) -> str:
-        return f"AdaptiveGate(delta={self.delta:g}, max_skips={self.max_skips}, warmup={self.warmup})"
+        return (
+            f"AdaptiveGate(delta={self.delta:g}, max_skips={self.max_skips}, warmup={self.warmup}, "
+            f"per_sample={self.per_sample})"
+        )
 
     def reset(self) -> None:
         """Forget the trajectory: call at the start of every sampling call."""

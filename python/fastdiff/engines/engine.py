@@ -11,7 +11,8 @@ import torch
 
 from .. import solvers
 from ..denoisers import GuidedDenoiser
-from ..executor import run
+from ..executor import run, run_fused
+from ..gate import AdaptiveGate
 from ..plan import StepPlan
 from ..schedules import DiscreteSchedule
 
@@ -27,13 +28,23 @@ class NonFiniteError(FloatingPointError):
 class SampleOutput:
     images: list  # PIL images
     latents: torch.Tensor  # the plan's result, before decoding
-    nfe: int  # UNet calls (a guided call on the 2x batch counts once)
+    nfe: list[int]  # UNet calls made for each sample (a guided call on the 2x batch counts once)
     timings: dict[str, float]  # seconds: encode, denoise, decode, total
     prompts: list[str]
     seed: int
     plan: StepPlan
     random_weights: bool = False  # True: the model has random weights (speed benchmarks only)
     notes: list[str] = field(default_factory=list)
+    unet_calls: int = 0  # batched UNet invocations (a compacted batch counts once)
+    skipped: list[list[int]] = field(default_factory=list)  # per sample, the calls the gate skipped
+
+
+def _gate(skip) -> AdaptiveGate | None:
+    if skip is None or isinstance(skip, AdaptiveGate):
+        return skip
+    if skip == "adaptive":
+        return AdaptiveGate()
+    raise ValueError(f"skip must be None, 'adaptive' or an AdaptiveGate, got {skip!r}")
 
 
 class TextConditioner:
@@ -244,8 +255,16 @@ class Engine:
         sampler: str | None = None,
         plan: StepPlan | str | Path | None = None,
         callback=None,
+        skip: str | AdaptiveGate | None = None,
+        fused: bool | None = None,
     ) -> SampleOutput:
         """Sample images. A list of prompts is one batch; each prompt gets num_images images.
+
+        skip: "adaptive" (AdaptiveGate() defaults) or an AdaptiveGate: skip UNet calls where the
+        latent trajectory is locally smooth (AdaptiveDiffusion), reusing the previous output;
+        ``out.nfe`` then tells the calls made per sample. fused: run the non-UNet work of every
+        step as one fused op (`fastdiff.ops.fused_step`: Triton on a GPU, the torch reference on
+        the CPU); None = only when skipping (which needs it).
 
         guidance_scale defaults to the model's; plan (a StepPlan or a plan file) overrides
         sampler/steps. The initial noise
@@ -268,6 +287,10 @@ class Engine:
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             plan = self.plan_for(sampler or self.sampler, steps)
         plan.check_schedule(self.schedule)
+        gate = _gate(skip)
+        fused = gate is not None if fused is None else bool(fused)
+        if gate is not None and not fused:
+            raise ValueError("skip= needs the fused step (fused=True or None)")
         guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         seed = random.randrange(2**31) if seed is None else int(seed)
 
@@ -285,7 +308,19 @@ class Engine:
 
         x_T = self.initial_noise(len(batch_prompts), seed=seed, height=height, width=width)
         with torch.no_grad():
-            latents = run(plan, denoiser, x_T, callback=callback)
+            if fused:
+                result = run_fused(
+                    plan,
+                    denoiser.raw,
+                    x_T,
+                    guidance=denoiser.weights(len(x_T), x_T.device),
+                    gate=gate,
+                    callback=callback,
+                )
+                latents, nfe, unet_calls, skipped = result.latents, result.nfe, result.unet_calls, result.skipped
+            else:
+                latents = run(plan, denoiser, x_T, callback=callback)
+                nfe, unet_calls, skipped = [denoiser.calls] * len(x_T), denoiser.calls, [[] for _ in x_T]
         self._sync()
         denoised = time.perf_counter()
         if not bool(torch.isfinite(latents).all()):
@@ -304,7 +339,9 @@ class Engine:
         return SampleOutput(
             images=to_pil(images),
             latents=latents,
-            nfe=denoiser.calls,
+            nfe=nfe,
+            unet_calls=unet_calls,
+            skipped=skipped,
             timings={
                 "encode": encoded - start,
                 "denoise": denoised - encoded,

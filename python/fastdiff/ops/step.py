@@ -151,11 +151,18 @@ def step_tables(program: RecurrentPlan) -> StepTables:
         if step.output_slot in live and step.output_slot != step.next_slot:
             out_row = (row(step.output_slot, f"call {k}"), expr[step.output_slot])
         next_expr = expr.get(step.next_slot, {step.next_slot: 1.0})
-        rows_per_step.append((row(step.input_slot, f"call {k}"), out_row, (row(step.next_slot, f"call {k}"), next_expr)))
+        rows_per_step.append(
+            (row(step.input_slot, f"call {k}"), out_row, (row(step.next_slot, f"call {k}"), next_expr))
+        )
 
     width = max(
         [1]
-        + [len([key for key in entry[1] if key is not None]) for _, *entries in rows_per_step for entry in entries if entry]
+        + [
+            len([key for key in entry[1] if key is not None])
+            for _, *entries in rows_per_step
+            for entry in entries
+            if entry
+        ]
     )
     width = -(-width // MIN_WIDTH) * MIN_WIDTH
     dst = np.full((n, 2), -1, dtype=np.int32)
@@ -210,7 +217,9 @@ def _check(k, raw, guidance, basis, tables, rows, out, stat):
                 f"{str(basis.dtype).replace('torch.', '')}; cast one to the other first"
             )
         if t.shape[1:] != basis.shape[2:]:
-            raise ValueError(f"fused_step: the {name} has latent shape {tuple(t.shape[1:])}, the basis {tuple(basis.shape[2:])}")
+            raise ValueError(
+                f"fused_step: the {name} has latent shape {tuple(t.shape[1:])}, the basis {tuple(basis.shape[2:])}"
+            )
     if tables.device != basis.device:
         raise ValueError(f"fused_step: the tables are on {tables.device} but the basis is on {basis.device}")
     factor = 1 if guidance is None else 2
@@ -239,7 +248,8 @@ def _check(k, raw, guidance, basis, tables, rows, out, stat):
 
 
 def fused_step_reference(k, raw, guidance, basis, tables, rows=None, out=None, stat=None) -> None:
-    """The torch reference of `fused_step` (same arguments); it may sync with the host."""
+    """The torch reference of `fused_step` (same arguments); it reads `rows` on the host (a
+    sync) when some samples skip, and never otherwise."""
     batch = basis.shape[1]
     acc = torch.float64 if basis.dtype == torch.float64 else torch.float32
     if guidance is None:
@@ -263,9 +273,10 @@ def fused_step_reference(k, raw, guidance, basis, tables, rows=None, out=None, s
     g[index] = computed_g
     if out is not None:
         out[index] = computed_g.to(out.dtype)
-    dst, src = tables.dst[k].tolist(), tables.src[k].tolist()
+    # The table's layout comes from its host copy: without skipping nothing here syncs.
+    dst, src = tables.host.dst[k].tolist(), tables.host.src[k].tolist()
     coef, gcoef = tables.coef[k].to(acc), tables.gcoef[k].to(acc)
-    x = basis[int(tables.x_row[k])].to(acc, copy=True)  # the next input may overwrite it
+    x = basis[int(tables.host.x_row[k])].to(acc, copy=True)  # the next input may overwrite it
     for i in range(2):
         if dst[i] < 0:
             continue
