@@ -101,6 +101,22 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from . import build_engine
+    from .export import ExportError, export_onnx
+
+    engine = build_engine(args.model, device="cpu", dtype="float32", weights=args.weights)
+    try:
+        modules = export_onnx(engine, args.out, batch=args.batch, validate=not args.no_validate)
+    except ExportError as exc:
+        raise ValueError(str(exc)) from exc
+    for m in modules:
+        check = "not validated" if m.max_rel_error is None else f"onnxruntime vs torch {m.max_rel_error:.1e} (relative)"
+        print(f"{m.name}: {m.path} ({m.path.stat().st_size / 1e6:.1f} MB), {check}")
+    print(f"wrote {Path(args.out) / 'fastdiff_export.json'}")
+    return 0
+
+
 def _print_calibration(engine_name: str, steps: int, record: dict) -> None:
     print(
         f"OLSS {steps} steps on {engine_name}: teacher {record['teacher']}, path {record['path_kind']} "
@@ -313,6 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "export",
+        help="export a model's text encoder, UNet and VAE decoder to ONNX (TensorRT's input), validated with onnxruntime",
+    )
+    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx; default onnx)")
+    p.add_argument(
+        "--out", required=True, help="directory receiving text_encoder/, unet/, vae_decoder/ model.onnx files"
+    )
+    p.add_argument("--batch", type=int, default=2, help="batch of the example inputs (axes stay dynamic; default 2)")
+    p.add_argument(
+        "--no-validate",
+        action="store_true",
+        help="skip the onnxruntime check against torch at another batch and spatial size",
+    )
+    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="quick benchmarks that print tables")
     bench = p.add_subparsers(dest="bench", required=True)

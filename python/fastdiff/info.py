@@ -95,6 +95,8 @@ def features() -> list[Feature]:
         cuda,
         _extension(),
         triton,
+        _module("ONNX (fastdiff export)", "onnx", "pip install onnx"),
+        _module("onnxruntime (export validation)", "onnxruntime", "pip install onnxruntime"),
         _module("TensorRT", "tensorrt", "not installed; NVIDIA's wheels download from outside PyPI"),
         _nvml(),
         _module("diffusers (engines, interop)", "diffusers", "pip install diffusers"),
