@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a model's text encoder, UNet and VAE decoder to ONNX (TensorRT's input), validated with onnxruntime",
+        help="export a model's text encoder, UNet and VAE decoder to ONNX (TensorRT's input), checked by onnxruntime",
     )
     p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
     p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx; default onnx)")
