@@ -278,6 +278,18 @@ def test_per_batch_decisions_skip_whole_calls(sd_schedule):
 
     got = run_fused(plan, raw_fn, odd_latents(batch=3).double(), gate=AdaptiveGate(delta=0.05), per_sample=False)
     assert set(seen) == {3} and len(set(got.nfe)) == 1 and got.nfe[0] == len(seen) < plan.nfe
+    # guided, with the gate's own setting: whole calls skipped, the rest as the naive loop
+    seen.clear()
+    guided_raw, guided_fn = guided_model(model, 2.0)
+
+    def counted(x, t, index):
+        seen.append(x.shape[0])
+        return guided_raw(x, t, index)
+
+    x_T = odd_latents(batch=3).double()
+    gate = AdaptiveGate(delta=0.05, per_sample=False)
+    got = run_fused(plan, counted, x_T, guidance=2.0, gate=gate)
+    assert set(seen) == {3} and got.nfe[0] == len(seen) < plan.nfe
 
 
 def test_the_fused_loop_without_a_gate_never_reads_device_data_back(sd_schedule, monkeypatch):

@@ -255,7 +255,8 @@ def fused_step_reference(k, raw, guidance, basis, tables, rows=None, out=None, s
     if guidance is None:
         computed_g = raw.to(acc)
     else:
-        u, c = raw.to(acc).chunk(2)
+        half = raw.shape[0] // 2
+        u, c = raw[:half].to(acc), raw[half:].to(acc)
         computed_g = None
     if rows is None:
         index = torch.arange(batch, device=basis.device)
