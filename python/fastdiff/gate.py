@@ -1,4 +1,4 @@
-"""AdaptiveDiffusion's step-skipping gate (Ye et al., NeurIPS 2024), torch reference.
+"""AdaptiveDiffusion's step-skipping gate (Ye et al., NeurIPS 2024).
 
 Statistic on the latent trajectory: d_k = mean|x_k − x_{k−1}| per sample. The next model call
 (at x_k) is skipped iff the third-order difference is small against the step size:
@@ -12,8 +12,12 @@ and a skipped call reuses the previous model output (the solver's update still r
 Departures from the reference code, all fixes of its known weaknesses: the state is reset per
 sampling call (`reset`), every sample decides for itself (a [B] flag tensor, not one decision
 for the batch), statistics are float32 whatever the latent dtype, and the history is O(1): the
-previous latent and the last two d's, never the trajectory. The flag stays on the latents'
-device, so the loop never syncs with the host to decide.
+previous latent (only when fed latents) and the last two d's, never the trajectory. The flag
+stays on the latents' device, so deciding never syncs with the host.
+
+Three ways in: `observe(x_k)` (latents; the torch reference), `observe_stat(d_k)` (the
+statistic computed by the fused step, `fastdiff.ops.fused_step`), and `observe_partials` (the
+fused Triton step's per-block sums, reduced and decided by one Triton launch).
 """
 
 from __future__ import annotations

@@ -155,15 +155,9 @@ def step_tables(program: RecurrentPlan) -> StepTables:
             (row(step.input_slot, f"call {k}"), out_row, (row(step.next_slot, f"call {k}"), next_expr))
         )
 
-    width = max(
-        [1]
-        + [
-            len([key for key in entry[1] if key is not None])
-            for _, *entries in rows_per_step
-            for entry in entries
-            if entry
-        ]
-    )
+    terms = [len([key for key in e if key is not None]) for _, out_row, (_, e) in rows_per_step]
+    terms += [len([key for key in out_row[1] if key is not None]) for _, out_row, _ in rows_per_step if out_row]
+    width = max(terms + [1])
     width = -(-width // MIN_WIDTH) * MIN_WIDTH
     dst = np.full((n, 2), -1, dtype=np.int32)
     src = np.full((n, 2, width), -1, dtype=np.int32)
