@@ -42,17 +42,22 @@ class HostSync(AssertionError):
     pass
 
 
+def forbid_host_reads(monkeypatch) -> None:
+    """Make every Tensor method that reads device data back to the host raise HostSync."""
+    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+
+        def refuse(self, *args, _name=method, **kwargs):
+            raise HostSync(f"the loop called Tensor.{_name}()")
+
+        monkeypatch.setattr(torch.Tensor, method, refuse)
+
+
 def test_the_loop_never_reads_device_data_back(sd_schedule, monkeypatch):
     plan = solvers.build("unipc", sd_schedule, 8, solver_order=3)
     model = gmm_model(sd_schedule)
     x_T = odd_latents()
     expected = run(plan, model, x_T)  # warm: compiles the recurrent form
-    for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-
-        def refuse(self, *args, _name=method, **kwargs):
-            raise HostSync(f"executor called Tensor.{_name}()")
-
-        monkeypatch.setattr(torch.Tensor, method, refuse)
+    forbid_host_reads(monkeypatch)
     result = run(plan, model, x_T)
     monkeypatch.undo()
     assert torch.equal(result, expected)
