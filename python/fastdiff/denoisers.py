@@ -70,10 +70,9 @@ class GuidedDenoiser:
         return self.unet(torch.cat([x, x]), torch.cat([t, t]), **kwargs, return_dict=False)[0]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
+        out = self.raw(x, t)
         if not self.guided:
-            return self.unet(x, t, **self.kwargs, return_dict=False)[0]
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]), **self.kwargs, return_dict=False)[0]
+            return out
         uncond, cond = out.chunk(2)
         scale = self.scale if not isinstance(self.scale, torch.Tensor) else self.scale.to(out.dtype)
         return uncond + scale * (cond - uncond)

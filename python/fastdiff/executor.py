@@ -38,19 +38,24 @@ def apply_op(slots: list, op: LinOp) -> None:
         lincomb_(slots[op.dst], srcs, op.coefs)
 
 
-def _adopt(out, x: torch.Tensor, k: int, slots: list) -> torch.Tensor:
-    """The model output as a slot the executor may keep and update in place."""
+def _checked(out, shape: tuple, x: torch.Tensor, k: int, expected: str) -> torch.Tensor:
+    """A model output of the given shape on x's device, cast to x's dtype; else ModelOutputError
+    (`expected` completes the shape message)."""
     if not isinstance(out, torch.Tensor):
         raise ModelOutputError(f"model call {k} returned {type(out).__name__}, expected a torch.Tensor")
-    if out.shape != x.shape:
-        raise ModelOutputError(
-            f"model call {k} returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}; "
-            "the raw output must have the latent's shape"
-        )
+    if out.shape != shape:
+        raise ModelOutputError(f"model call {k} returned shape {tuple(out.shape)}{expected}")
     if out.device != x.device:
         raise ModelOutputError(f"model call {k} returned a tensor on {out.device}, the latents are on {x.device}")
-    if out.dtype != x.dtype:
-        return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _adopt(out, x: torch.Tensor, k: int, slots: list) -> torch.Tensor:
+    """The model output as a slot the executor may keep and update in place."""
+    expected = f" for an input of shape {tuple(x.shape)}; the raw output must have the latent's shape"
+    checked = _checked(out, x.shape, x, k, expected)
+    if checked is not out:
+        return checked  # a fresh buffer from the dtype cast
     live = {_storage(s) for s in slots if s is not None}
     if _storage(out) in live or out._base is not None:
         # Aliases a latent (e.g. an identity model) or a view of something the model keeps:
@@ -140,8 +145,7 @@ def run_fused(
     Compaction needs the flags on the host: one sync per call while a gate is on; without a
     gate the loop never syncs.
     """
-    from .ops.step import fused_step
-    from .ops.triton_step import available as triton_available
+    from .ops.step import fused_step, resolve_impl
 
     if not isinstance(plan, StepPlan):
         raise TypeError(f"plan must be a StepPlan, got {type(plan).__name__}")
@@ -149,8 +153,7 @@ def run_fused(
         raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
     if per_sample is None:
         per_sample = gate.per_sample if gate is not None else True
-    if impl == "auto":
-        impl = "triton" if x_T.is_cuda and triton_available() else "torch"
+    impl = resolve_impl(impl, x_T.device)
     host = plan.step_tables()
     tables = host.on(x_T.device, x_T.dtype)
     batch = x_T.shape[0]
@@ -185,7 +188,7 @@ def run_fused(
             index = [b for b in range(batch) if not skip[b]]
             rows = None
             if len(index) == batch:
-                raw = raw_fn(x, times[k], None) if index else None
+                raw = raw_fn(x, times[k], None)
             else:
                 rows_host = [-1] * batch
                 for r, b in enumerate(index):
@@ -198,7 +201,9 @@ def run_fused(
                     raw = x.new_empty((0, *x.shape[1:]))
             if index:
                 unet_calls += 1
-                raw = _adopt_raw(raw, x, k, len(index) * (1 if guidance is None else 2))
+                rows_out = len(index) * (1 if guidance is None else 2)
+                expected = f"; expected {(rows_out, *x.shape[1:])} (the raw output, [uncond; cond] under guidance)"
+                raw = _checked(raw, (rows_out, *x.shape[1:]), x, k, expected)
             for b in range(batch):
                 if skip[b]:
                     skipped[b].append(k)
@@ -214,16 +219,3 @@ def run_fused(
             if callback is not None:
                 callback(k, times[k], basis[int(host.dst[k, 1])])
     return FusedRun(basis[host.result_row].clone(), nfe, unet_calls, skipped)
-
-
-def _adopt_raw(raw, x: torch.Tensor, k: int, rows: int) -> torch.Tensor:
-    if not isinstance(raw, torch.Tensor):
-        raise ModelOutputError(f"model call {k} returned {type(raw).__name__}, expected a torch.Tensor")
-    if raw.shape != (rows, *x.shape[1:]):
-        raise ModelOutputError(
-            f"model call {k} returned shape {tuple(raw.shape)}; expected {(rows, *x.shape[1:])} "
-            "(the raw output, [uncond; cond] under guidance)"
-        )
-    if raw.device != x.device:
-        raise ModelOutputError(f"model call {k} returned a tensor on {raw.device}, the latents are on {x.device}")
-    return raw if raw.dtype == x.dtype else raw.to(x.dtype)

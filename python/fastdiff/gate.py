@@ -63,7 +63,12 @@ class AdaptiveGate:
         self._run = torch.zeros(batch, dtype=torch.int32, device=device)
         self.calls = 1
 
-    def _active(self, k: int) -> bool:
+    def _next_call(self, method: str) -> bool:
+        """Count the call being decided (after `start`); True when the rule applies to it."""
+        if self._run is None:
+            raise RuntimeError(f"AdaptiveGate.{method}: call start(batch, device) first")
+        k = self.calls
+        self.calls += 1
         return k >= max(3, self.warmup)  # the rule needs d_{k−2}: never before call 3
 
     def observe(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,17 +93,14 @@ class AdaptiveGate:
     def observe_stat(self, d: torch.Tensor) -> torch.Tensor:
         """The decision for call k from d_k = mean|x_k − x_{k−1}| (float32 [B], e.g. from the
         fused step) after `start`; returns the bool [B] skip flags and advances the state."""
-        if self._run is None:
-            raise RuntimeError("AdaptiveGate.observe_stat: call start(batch, device) first")
-        if d.shape != self._d1.shape or d.device != self._d1.device:
+        if self._run is not None and (d.shape != self._d1.shape or d.device != self._d1.device):
             raise ValueError(
                 f"AdaptiveGate.observe_stat: statistic {tuple(d.shape)} on {d.device} for a batch of "
                 f"{tuple(self._d1.shape)} on {self._d1.device}"
             )
-        k = self.calls
-        self.calls += 1
+        active = self._next_call("observe_stat")
         d = d.to(torch.float32, copy=True)  # the caller may reuse its buffer
-        if self._active(k):
+        if active:
             third = (d - 2 * self._d1 + self._d2).abs()
             skip = (third <= 2 * self.delta * self._d1) & (self._run < self.max_skips)
         else:
@@ -113,10 +115,7 @@ class AdaptiveGate:
         reduces and decides, keeping the state on the device."""
         from .ops import triton_step
 
-        if self._run is None:
-            raise RuntimeError("AdaptiveGate.observe_partials: call start(batch, device) first")
-        k = self.calls
-        self.calls += 1
+        active = self._next_call("observe_partials")
         flags = torch.empty(self._run.shape, dtype=torch.int8, device=self._run.device)
         triton_step.gate_decide(
             partials,
@@ -125,7 +124,7 @@ class AdaptiveGate:
             self._d2,
             self._run,
             flags,
-            active=self._active(k),
+            active=active,
             delta=self.delta,
             max_skips=self.max_skips,
         )

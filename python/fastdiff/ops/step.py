@@ -285,6 +285,17 @@ def fused_step_reference(k, raw, guidance, basis, tables, rows=None, out=None, s
         stat.copy_((new - x).abs().reshape(batch, -1).mean(dim=1))
 
 
+def resolve_impl(impl: str, device) -> str:
+    """ "auto" -> "triton" on a CUDA device when Triton is installed, else "torch"."""
+    if impl == "auto":
+        from . import triton_step
+
+        return "triton" if torch.device(device).type == "cuda" and triton_step.available() else "torch"
+    if impl not in ("torch", "triton"):
+        raise ValueError(f"fused_step: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    return impl
+
+
 def fused_step(
     k: int,
     raw: torch.Tensor,
@@ -310,16 +321,11 @@ def fused_step(
     is installed).
     """
     _check(k, raw, guidance, basis, tables, rows, out, stat)
-    if impl == "auto":
-        from . import triton_step
-
-        impl = "triton" if basis.is_cuda and triton_step.available() else "torch"
+    impl = resolve_impl(impl, basis.device)
     if impl == "torch":
         if partials is not None:
             raise ValueError("fused_step: partials= is the Triton kernel's output; the torch reference writes stat=")
         return fused_step_reference(k, raw, guidance, basis, tables, rows=rows, out=out, stat=stat)
-    if impl == "triton":
-        from . import triton_step
+    from . import triton_step  # impl == "triton"
 
-        return triton_step.fused_step(k, raw, guidance, basis, tables, rows=rows, out=out, stat=stat, partials=partials)
-    raise ValueError(f"fused_step: impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    return triton_step.fused_step(k, raw, guidance, basis, tables, rows=rows, out=out, stat=stat, partials=partials)
