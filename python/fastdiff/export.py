@@ -81,16 +81,6 @@ class _VaeDecoder(torch.nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def _export(module, args, path: Path, inputs, outputs, dynamic_axes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(input_names=inputs, output_names=outputs, opset_version=OPSET)
-    try:
-        # The TorchScript-based exporter: no onnxscript needed, and dynamic_axes as TensorRT expects.
-        torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=dynamic_axes, **kwargs)
-    except Exception as exc:  # an exporter missing from this torch, or an op it cannot convert
-        raise ExportError(f"exporting {path.parent.name} failed: {type(exc).__name__}: {exc}") from exc
-
-
 def _check(session_path: Path, module, feeds: dict[str, torch.Tensor], name: str) -> float:
     ort = _require("onnxruntime", "to validate the exported models")
     session = ort.InferenceSession(str(session_path), providers=["CPUExecutionProvider"])
@@ -104,6 +94,35 @@ def _check(session_path: Path, module, feeds: dict[str, torch.Tensor], name: str
     if not np.isfinite(error) or error > TOLERANCE:
         raise ExportError(f"{name}: onnxruntime differs from torch by {error:.3g} (relative; tolerance {TOLERANCE})")
     return error
+
+
+def _export_module(
+    name: str, module, example: dict, outputs: list[str], axes: dict, out: Path, feeds
+) -> ExportedModule:
+    """Export module(*example.values()) to out/<name>/model.onnx with the inputs named as in
+    `example`; with feeds (other inputs, same names), check it with onnxruntime against torch."""
+    path = out / name / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = list(example)
+    try:
+        # The TorchScript-based exporter: no onnxscript needed, and dynamic_axes as TensorRT expects.
+        torch.onnx.export(
+            module,
+            tuple(example.values()),
+            str(path),
+            dynamo=False,
+            dynamic_axes=axes,
+            input_names=inputs,
+            output_names=outputs,
+            opset_version=OPSET,
+        )
+    except Exception as exc:  # an exporter missing from this torch, or an op it cannot convert
+        raise ExportError(f"exporting {name} failed: {type(exc).__name__}: {exc}") from exc
+    item = ExportedModule(name, path, inputs, outputs, axes)
+    if feeds is not None:
+        item.max_rel_error = _check(path, module, feeds, name)
+        item.checked_shapes = {k: list(v.shape) for k, v in feeds.items()}
+    return item
 
 
 def export_onnx(engine, out_dir, *, batch: int = 2, validate: bool = True) -> list[ExportedModule]:
@@ -124,14 +143,10 @@ def export_onnx(engine, out_dir, *, batch: int = 2, validate: bool = True) -> li
             vocab = int(text.text_encoder.config.vocab_size)
             ids = torch.randint(0, vocab, (batch, length), generator=gen)
             axes = {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}}
-            path = out / "text_encoder" / "model.onnx"
-            _export(text, (ids,), path, ["input_ids"], ["last_hidden_state"], axes)
-            item = ExportedModule("text_encoder", path, ["input_ids"], ["last_hidden_state"], axes)
-            if validate:
-                feeds = {"input_ids": torch.randint(0, vocab, (batch + 1, length), generator=gen)}
-                item.max_rel_error = _check(path, text, feeds, "text_encoder")
-                item.checked_shapes = {k: list(v.shape) for k, v in feeds.items()}
-            exported.append(item)
+            feeds = {"input_ids": torch.randint(0, vocab, (batch + 1, length), generator=gen)} if validate else None
+            exported.append(
+                _export_module("text_encoder", text, {"input_ids": ids}, ["last_hidden_state"], axes, out, feeds)
+            )
             cond_key = "encoder_hidden_states"
             cond = text(ids)
             make_cond = lambda b: torch.randn(b, *cond.shape[1:], generator=gen)  # noqa: E731
@@ -144,14 +159,11 @@ def export_onnx(engine, out_dir, *, batch: int = 2, validate: bool = True) -> li
         unet = _UNet(copy.deepcopy(engine.unet).to(cpu, torch.float32).eval(), cond_key)
         sample = torch.randn(batch, channels, size, size, generator=gen)
         timestep = torch.full((batch,), 500.0)
-        names = ["sample", "timestep", cond_key]
         axes = {"sample": {0: "batch", 2: "height", 3: "width"}, "timestep": {0: "batch"}, cond_key: {0: "batch"}}
         axes["out_sample"] = {0: "batch", 2: "height", 3: "width"}
-        path = out / "unet" / "model.onnx"
-        _export(unet, (sample, timestep, cond), path, names, ["out_sample"], axes)
-        item = ExportedModule("unet", path, names, ["out_sample"], axes)
         step = 2 ** (len(engine.unet.config.block_out_channels) - 1)
         other = size + step  # another spatial size the UNet accepts
+        feeds = None
         if validate:
             b = batch + 1
             feeds = {
@@ -159,9 +171,8 @@ def export_onnx(engine, out_dir, *, batch: int = 2, validate: bool = True) -> li
                 "timestep": torch.linspace(10.0, 900.0, b),
                 cond_key: make_cond(b),
             }
-            item.max_rel_error = _check(path, unet, feeds, "unet")
-            item.checked_shapes = {k: list(v.shape) for k, v in feeds.items()}
-        exported.append(item)
+        example = {"sample": sample, "timestep": timestep, cond_key: cond}
+        exported.append(_export_module("unet", unet, example, ["out_sample"], axes, out, feeds))
 
         if isinstance(engine.decoder, VaeDecoder):
             vae = _VaeDecoder(copy.deepcopy(engine.decoder.vae).to(cpu, torch.float32).eval())
@@ -170,14 +181,12 @@ def export_onnx(engine, out_dir, *, batch: int = 2, validate: bool = True) -> li
                 "latent_sample": {0: "batch", 2: "height", 3: "width"},
                 "sample": {0: "batch", 2: "height", 3: "width"},
             }
-            path = out / "vae_decoder" / "model.onnx"
-            _export(vae, (latents,), path, ["latent_sample"], ["sample"], axes)
-            item = ExportedModule("vae_decoder", path, ["latent_sample"], ["sample"], axes)
+            feeds = None
             if validate:
                 feeds = {"latent_sample": torch.randn(batch + 1, channels, other, other, generator=gen)}
-                item.max_rel_error = _check(path, vae, feeds, "vae_decoder")
-                item.checked_shapes = {k: list(v.shape) for k, v in feeds.items()}
-            exported.append(item)
+            exported.append(
+                _export_module("vae_decoder", vae, {"latent_sample": latents}, ["sample"], axes, out, feeds)
+            )
 
     manifest = {
         "format": "fastdiff.onnx-export",
