@@ -1,5 +1,6 @@
 """The sampling loop: memory held, no host sync, dtypes, callbacks, bad model outputs."""
 
+import contextlib
 import gc
 import weakref
 
@@ -42,6 +43,16 @@ class HostSync(AssertionError):
     pass
 
 
+@contextlib.contextmanager
+def cuda_syncs_raise():
+    """Inside, any device->host synchronisation on CUDA raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def forbid_host_reads(monkeypatch) -> None:
     """Make every Tensor method that reads device data back to the host raise HostSync."""
     for method in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
@@ -71,11 +82,8 @@ def test_no_synchronisation_on_cuda(sd_schedule):
     model = gmm_model(sd_schedule)
     x_T = odd_latents().cuda()
     run(plan, model, x_T)  # warm-up (plan compile, CUDA init)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_raise():
         run(plan, model, x_T)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-2), (torch.bfloat16, 6e-2)])

@@ -315,12 +315,11 @@ def test_no_synchronisation_in_the_triton_loop_on_cuda(sd_schedule):
     model = gmm_model(sd_schedule)
     x_T = odd_latents().cuda()
     raw_fn, _ = guided_model(model, 2.0)
+    from tests.test_executor import cuda_syncs_raise
+
     run_fused(plan, raw_fn, x_T, guidance=2.0, impl="triton")  # warm-up: kernel compile
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with cuda_syncs_raise():
         run_fused(plan, raw_fn, x_T, guidance=2.0, impl="triton")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 # ---------------------------------------------------------------- bad input
