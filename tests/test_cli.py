@@ -86,6 +86,7 @@ def test_sample_writes_pngs_and_says_where(untrained_shapes_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     written = [tmp_path / "img" / "x-0.png", tmp_path / "img" / "x-1.png"]
     assert f"wrote {written[0]}, {written[1]}" in printed and "3 UNet calls" in printed and "seed 5" in printed
+    assert "backend eager: auto: cpu -> eager" in printed
     assert all(Image.open(p).size == (96, 96) for p in written)
 
 
@@ -114,6 +115,8 @@ def test_sample_errors_exit_with_code_2(untrained_shapes_dir, tmp_path, capsys):
     assert "multiple of 4" in capsys.readouterr().err
     assert main(["sample", "x", "--model", "sd15"]) == 2
     assert "unknown model 'sd15'" in capsys.readouterr().err
+    assert main(base + ["--backend", "cuda_graph"]) == 2
+    assert "backend 'cuda_graph' is unavailable: CUDA graphs need a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.engines import NonFiniteError
+from fastdiff.engines import BackendUnavailableError, NonFiniteError
 from fastdiff.models.registry import ModelNotFoundError
 
 
@@ -99,11 +99,14 @@ def test_nan_outputs_are_detected_and_explained(engine, monkeypatch):
         engine.sample("a red circle on a blue background", steps=2, seed=0)
 
 
-def test_float16_nan_message_points_at_overflow(untrained_shapes_dir, monkeypatch):
+def test_nan_in_every_dtype_is_an_error_after_the_float16_fallback(untrained_shapes_dir, monkeypatch):
     engine = fastdiff.build_engine(untrained_shapes_dir, device="cpu", dtype="float16")
     forward = engine.unet.forward
-    monkeypatch.setattr(engine.unet, "forward", lambda s, *a, **k: (forward(s, *a, **k)[0] * float("inf"),))
-    with pytest.raises(NonFiniteError, match="float16 overflow"):
+    monkeypatch.setattr(engine.unet, "forward", lambda *a, **k: (forward(*a, **k)[0] * float("inf"),))
+    with (
+        pytest.warns(RuntimeWarning, match="unet overflowed in float16.*bfloat16"),
+        pytest.raises(NonFiniteError, match=r"UNet in bfloat16\): check the model weights"),
+    ):
         engine.sample("a red circle on a blue background", steps=2, seed=0)
 
 
@@ -133,8 +136,14 @@ def test_sd21_without_weights_explains_how_to_provide_them(monkeypatch):
 def test_bad_dtype_and_backend_are_refused(untrained_shapes_dir):
     with pytest.raises(ValueError, match="unknown dtype 'float8'"):
         fastdiff.build_engine(untrained_shapes_dir, device="cpu", dtype="float8")
-    with pytest.raises(ValueError, match="unknown or unavailable backend 'tensorrt'"):
+    with pytest.raises(ValueError, match="unknown backend 'fast': expected one of auto, eager, cuda_graph, compiled"):
+        fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="fast")
+    with pytest.raises(
+        BackendUnavailableError, match="'tensorrt' is unavailable: the tensorrt package is not installed"
+    ):
         fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="tensorrt")
+    with pytest.raises(BackendUnavailableError, match="'cuda_graph' is unavailable: CUDA graphs need a CUDA device"):
+        fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="cuda_graph")
 
 
 def test_the_fused_step_gives_the_executors_latents(engine):

@@ -69,7 +69,14 @@ def cmd_sample(args) -> int:
 
     skip = None if args.skip_delta is None else AdaptiveGate(delta=args.skip_delta, max_skips=args.max_skips)
 
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, sampler=args.sampler, weights=args.weights)
+    engine = build_engine(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        sampler=args.sampler,
+        weights=args.weights,
+        backend=args.backend,
+    )
     out = engine.sample(
         args.prompt,
         steps=args.steps,
@@ -95,6 +102,8 @@ def cmd_sample(args) -> int:
     if skip is not None:
         calls += f" of {out.plan.nfe} (per image: {', '.join(map(str, out.nfe))})"
     print(f"{engine!r}: {calls} ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
+    if args.backend == "auto":
+        print(f"backend {engine.backend}: {engine.backend_reason}")
     for note in out.notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(written))
@@ -265,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
     )
     p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    p.add_argument(
+        "--backend",
+        choices=("auto", "eager", "cuda_graph", "compiled"),
+        default="auto",
+        help="how the UNet, text encoder and VAE run: eager; cuda_graph (captured CUDA graphs, GPU only); "
+        "compiled (torch.compile, plus CUDA graphs on a GPU; the first call per size compiles, cached on disk); "
+        "auto = compiled on a GPU, eager on the CPU (default; `fastdiff info` says what is available and why)",
+    )
     p.add_argument(
         "--skip-delta",
         type=float,

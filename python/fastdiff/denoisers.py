@@ -9,6 +9,7 @@ batch only, as diffusers does.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -41,19 +42,32 @@ class GuidedDenoiser:
         self.guided = (
             uncond is not None and w is not None and (bool(torch.any(w > 1)) if isinstance(w, torch.Tensor) else w > 1)
         )
+        self._w = None
         if self.guided:
             self.kwargs = _cat(uncond, cond)
             self.scale = w if not isinstance(w, torch.Tensor) else w.reshape(-1, *[1] * 3)
+            # The fused step's float32 weights, made here so the sampling loop copies nothing to the device.
+            first = next(iter(cond.values()))
+            if isinstance(w, torch.Tensor):
+                self._w = w.reshape(-1).to(device=first.device, dtype=torch.float32)
+            else:
+                self._w = torch.full((first.shape[0],), float(w), dtype=torch.float32, device=first.device)
         else:
             self.kwargs = dict(cond)
             self.scale = None
+
+    def with_inputs(self, unet, kwargs: Mapping[str, torch.Tensor]) -> GuidedDenoiser:
+        """The same guidance over another UNet callable and conditioning tensors of the same
+        layout (a captured graph's static copies)."""
+        twin = copy.copy(self)
+        twin.unet, twin.kwargs, twin.calls = unet, dict(kwargs), 0
+        return twin
 
     def weights(self, batch: int, device) -> torch.Tensor | None:
         """The guidance weights as a float32 [batch] tensor (for the fused step), None without guidance."""
         if not self.guided:
             return None
-        w = self.scale if isinstance(self.scale, torch.Tensor) else torch.tensor(float(self.scale))
-        return w.reshape(-1).to(device=device, dtype=torch.float32).expand(batch).contiguous()
+        return self._w.to(device).expand(batch).contiguous()
 
     def raw(self, x: torch.Tensor, t: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """The UNet's raw output for the samples `index` (None: all): [uncond; cond] (2·len

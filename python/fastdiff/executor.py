@@ -50,6 +50,12 @@ def _checked(out, shape: tuple, x: torch.Tensor, k: int, expected: str) -> torch
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
+def _checked_raw(raw, rows: int, x: torch.Tensor, k: int) -> torch.Tensor:
+    """A raw model output of `rows` rows for the fused step ([uncond; cond] under guidance)."""
+    shape = (rows, *x.shape[1:])
+    return _checked(raw, shape, x, k, f"; expected {shape} (the raw output, [uncond; cond] under guidance)")
+
+
 def _adopt(out, x: torch.Tensor, k: int, slots: list) -> torch.Tensor:
     """The model output as a slot the executor may keep and update in place."""
     expected = f" for an input of shape {tuple(x.shape)}; the raw output must have the latent's shape"
@@ -121,6 +127,54 @@ class FusedRun:
     skipped: list[list[int]]  # per sample, the calls that were skipped
 
 
+class FusedState:
+    """What the fused loop needs besides the model, prepared once per (plan, x_T shape, dtype,
+    device): the device step tables, the call times, the basis buffer, the guidance weights.
+
+    `loop` is the ungated loop: device work only (no host reads, no host->device copies, no
+    allocation that depends on data), so it can be captured into one CUDA graph whole.
+    """
+
+    def __init__(self, plan: StepPlan, x_T: torch.Tensor, *, guidance=None, impl: str = "auto"):
+        from .ops.step import resolve_impl
+
+        if not isinstance(plan, StepPlan):
+            raise TypeError(f"plan must be a StepPlan, got {type(plan).__name__}")
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
+            raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
+        self.impl = resolve_impl(impl, x_T.device)
+        self.host = plan.step_tables()
+        self.tables = self.host.on(x_T.device, x_T.dtype)
+        batch, device = x_T.shape[0], x_T.device
+        if guidance is not None:
+            w_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+            guidance = torch.as_tensor(guidance, dtype=w_dtype, device=device).reshape(-1).expand(batch).contiguous()
+        self.guidance = guidance
+        times = torch.tensor(plan.times, dtype=torch.float32, device=device)
+        self.times = times[:, None].expand(-1, batch).contiguous()
+        self.basis = torch.empty((self.host.num_rows, *x_T.shape), dtype=x_T.dtype, device=device)
+
+    def loop(self, raw_fn: RawFn, x_T: torch.Tensor, *, guidance=None, callback: Callback | None = None):
+        """Run every call with the fused step; returns the result row of the basis (a view: it
+        is overwritten by the next loop). guidance: float32 [B] weights replacing the prepared
+        ones (a graph's static input), or None to use them."""
+        from .ops.step import fused_step
+
+        host, basis = self.host, self.basis
+        w = self.guidance if guidance is None else guidance
+        torch.mul(x_T, host.init_coef, out=basis[host.init_row])
+        rows_out = x_T.shape[0] * (1 if w is None else 2)
+        with torch.no_grad():
+            for k in range(host.num_steps):
+                x = basis[int(host.x_row[k])]
+                raw = raw_fn(x, self.times[k], None)
+                raw = _checked_raw(raw, rows_out, x, k)
+                fused_step(k, raw, w, basis, self.tables, impl=self.impl)
+                if callback is not None:
+                    callback(k, self.times[k], basis[int(host.dst[k, 1])])
+        return basis[host.result_row]
+
+
 def run_fused(
     plan: StepPlan,
     raw_fn: RawFn,
@@ -145,39 +199,38 @@ def run_fused(
     Compaction needs the flags on the host: one sync per call while a gate is on; without a
     gate the loop never syncs.
     """
-    from .ops.step import fused_step, resolve_impl
+    from .ops.step import fused_step
 
-    if not isinstance(plan, StepPlan):
-        raise TypeError(f"plan must be a StepPlan, got {type(plan).__name__}")
-    if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
-        raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
     if per_sample is None:
         per_sample = gate.per_sample if gate is not None else True
-    impl = resolve_impl(impl, x_T.device)
-    host = plan.step_tables()
-    tables = host.on(x_T.device, x_T.dtype)
-    batch = x_T.shape[0]
-    device = x_T.device
-    if guidance is not None:
-        w_dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-        guidance = torch.as_tensor(guidance, dtype=w_dtype, device=device).reshape(-1).expand(batch).contiguous()
-    times = torch.tensor(plan.times, dtype=torch.float32, device=device)[:, None].expand(-1, batch).contiguous()
-    basis = torch.empty((host.num_rows, *x_T.shape), dtype=x_T.dtype, device=device)
+    state = FusedState(plan, x_T, guidance=guidance, impl=impl)
+    if gate is None:
+        latents = state.loop(raw_fn, x_T, callback=callback).clone()
+        steps = state.host.num_steps
+        return FusedRun(latents, [steps] * len(x_T), steps, [[] for _ in range(len(x_T))])
+    host, tables, times, basis, guidance, impl = (
+        state.host,
+        state.tables,
+        state.times,
+        state.basis,
+        state.guidance,
+        state.impl,
+    )
+    batch, device = x_T.shape[0], x_T.device
     torch.mul(x_T, host.init_coef, out=basis[host.init_row])
-    out = torch.empty_like(x_T) if gate is not None else None
+    out = torch.empty_like(x_T)  # the guided output of each sample's last computed call
     nfe = [0] * batch
     skipped: list[list[int]] = [[] for _ in range(batch)]
     unet_calls = 0
     stat = partials = None
     n = x_T[0].numel()
-    if gate is not None:
-        gate.start(batch if per_sample else 1, device)
-        if impl == "triton":
-            from .ops.triton_step import num_blocks
+    gate.start(batch if per_sample else 1, device)
+    if impl == "triton":
+        from .ops.triton_step import num_blocks
 
-            partials = torch.empty(batch, num_blocks(basis), dtype=torch.float32, device=device)
-        else:
-            stat = torch.empty(batch, dtype=torch.float32, device=device)
+        partials = torch.empty(batch, num_blocks(basis), dtype=torch.float32, device=device)
+    else:
+        stat = torch.empty(batch, dtype=torch.float32, device=device)
     flags = None
     with torch.no_grad():
         for k in range(host.num_steps):
@@ -201,16 +254,14 @@ def run_fused(
                     raw = x.new_empty((0, *x.shape[1:]))
             if index:
                 unet_calls += 1
-                rows_out = len(index) * (1 if guidance is None else 2)
-                expected = f"; expected {(rows_out, *x.shape[1:])} (the raw output, [uncond; cond] under guidance)"
-                raw = _checked(raw, (rows_out, *x.shape[1:]), x, k, expected)
+                raw = _checked_raw(raw, len(index) * (1 if guidance is None else 2), x, k)
             for b in range(batch):
                 if skip[b]:
                     skipped[b].append(k)
                 else:
                     nfe[b] += 1
             fused_step(k, raw, guidance, basis, tables, rows=rows, out=out, stat=stat, partials=partials, impl=impl)
-            if gate is not None and k + 1 < host.num_steps:
+            if k + 1 < host.num_steps:
                 if partials is not None:
                     p = partials if per_sample else partials.view(1, -1)
                     flags = gate.observe_partials(p, n if per_sample else n * batch)

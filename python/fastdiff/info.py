@@ -85,6 +85,14 @@ def _models() -> list[Feature]:
     return out
 
 
+def _backends() -> list[Feature]:
+    try:
+        from .engines import backends
+    except ImportError as exc:  # torch missing
+        return [Feature("backends", False, f"not importable: {exc}")]
+    return [Feature(f"backend {name}", ok, detail) for name, ok, detail in backends.report()]
+
+
 def features() -> list[Feature]:
     torch_feature, cuda = _torch()
     triton = _module("Triton", "triton", "not installed (ships with CUDA builds of torch)")
@@ -102,6 +110,7 @@ def features() -> list[Feature]:
         _module("diffusers (engines, interop)", "diffusers", "pip install diffusers"),
         _module("transformers (text encoders)", "transformers", "pip install transformers"),
         *_models(),
+        *_backends(),
     ]
 
 

