@@ -164,6 +164,29 @@ def test_gated_and_callback_runs_use_per_call_graphs(eager, graphed):
     assert close(unfused.latents, out.latents)
 
 
+def test_what_cannot_be_captured_runs_without_graphs_with_a_warning(eager, monkeypatch):
+    from fastdiff.engines import graphs
+
+    engine = emulated_engine()
+    real = graphs.StaticCall
+
+    def refuse_loop(fn, example, **kw):
+        if fn.__name__ in ("sampling_loop", "<lambda>"):  # the loop, the text encoder and the VAE
+            raise CaptureError(f"{fn.__name__} synchronises")
+        return real(fn, example, **kw)
+
+    monkeypatch.setattr(graphs, "StaticCall", refuse_loop)
+    with pytest.warns(RuntimeWarning) as record:
+        out = engine.sample(PROMPTS, steps=5, seed=0)
+    messages = " | ".join(str(w.message) for w in record)
+    assert "text_encoder runs without CUDA graphs" in messages and "vae_decoder runs without" in messages
+    assert "the sampling loop could not be captured whole" in messages
+    assert close(out.latents, eager.sample(PROMPTS, steps=5, seed=0).latents)
+    keys = [key[0][0] for key in engine.runner.graphs.graphs]
+    assert keys == ["unet"]  # per-call graphs took over
+    assert any("captured whole" in n for n in engine.notes)
+
+
 def test_replaced_weights_drop_the_graphs(graphed):
     graphed.sample(PROMPTS[:1], steps=2, seed=0)
     assert len(graphed.runner.graphs) > 0

@@ -13,12 +13,13 @@ TensorRT is detected (`fastdiff info`) but no backend uses it in this build.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 
 from .compiled import CompileCache, CompiledCall, module_fingerprint, why_not_compilable
-from .graphs import GraphCache
+from .graphs import CaptureError, GraphCache
 
 BACKENDS = ("eager", "cuda_graph", "compiled")
 CHOICES = ("auto", *BACKENDS)
@@ -139,6 +140,7 @@ class ModuleCall:
         self.name = name
         self.fn = fn
         self.module = module
+        self.uncapturable: str | None = None  # why capture failed, once it has
         self.rebuild()
 
     def rebuild(self) -> None:
@@ -162,7 +164,12 @@ class ModuleCall:
 
     def __call__(self, *args, copy: bool = True):
         graphs = self.runner.graphs
-        if graphs is None:
+        if graphs is None or self.uncapturable:
             return self.inner(*args)
-        out = graphs.run(self.inner, args, extra=(self.name, self.dtype))
+        try:
+            out = graphs.run(self.inner, args, extra=(self.name, self.dtype))
+        except CaptureError as exc:
+            self.uncapturable = str(exc)
+            warnings.warn(f"fastdiff: {self.name} runs without CUDA graphs from now on: {exc}", RuntimeWarning)
+            return self.inner(*args)
         return out.clone() if copy else out

@@ -18,6 +18,7 @@ from ..plan import StepPlan
 from ..schedules import DiscreteSchedule
 from . import backends as _backends
 from .backends import Runner
+from .graphs import CaptureError
 
 CALIBRATED = ("olss",)  # samplers whose plans are fitted to a model and shipped with it
 
@@ -239,6 +240,7 @@ class Engine:
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
         self._plans: dict[tuple[str, int], StepPlan] = {}
         self.notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
+        self._no_loop_graph: str | None = None  # why the whole loop cannot be one graph, once known
         self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
         keys = conditioner.keys
 
@@ -335,9 +337,21 @@ class Engine:
         """(latents, nfe per sample, batched UNet calls, skipped calls per sample)."""
         batch = len(x_T)
         with torch.no_grad():
-            if fused and gate is None and callback is None and self.runner.graphs is not None:
+            if (
+                fused
+                and gate is None
+                and callback is None
+                and self.runner.graphs is not None
+                and not self._no_loop_graph
+            ):
                 calls = plan.step_tables().num_steps
-                return self._graphed_loop(plan, denoiser, x_T), [calls] * batch, calls, [[] for _ in range(batch)]
+                try:
+                    latents = self._graphed_loop(plan, denoiser, x_T)
+                    return latents, [calls] * batch, calls, [[] for _ in range(batch)]
+                except CaptureError as exc:  # then graphs per UNet call, as with a gate
+                    self._no_loop_graph = f"the sampling loop could not be captured whole: {exc}"
+                    self.notes.append(self._no_loop_graph)
+                    warnings.warn(f"fastdiff: {self.name}: {self._no_loop_graph}", RuntimeWarning, stacklevel=3)
             if fused:
                 w = denoiser.weights(batch, x_T.device)
                 r = run_fused(plan, denoiser.raw, x_T, guidance=w, gate=gate, callback=callback)
