@@ -11,12 +11,13 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp install torch bench clean help
+.PHONY: demo test test-python test-cpp install torch bench bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
 	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
+	@echo "make bench-gpu - run the GPU benchmark suite (needs CUDA), write JSON and bench/results/gpu_summary.json"
 	@echo "make clean  - remove build outputs and the virtual environment"
 
 $(VENV)/.created:
@@ -54,8 +55,20 @@ test: install test-cpp test-python
 
 bench: install
 	mkdir -p bench/out
-	$(PY) -m pytest bench -q --benchmark-json=bench/out/cpu.json; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) -m pytest bench -q --ignore=bench/gpu --benchmark-json=bench/out/cpu.json; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 	$(PY) bench/report.py bench/out/cpu.json --out bench/results
+
+# GPU suite (bench/gpu): skipped without CUDA, and then the summary says no results came. Extra pytest
+# arguments go in BENCH_GPU_ARGS, e.g. BENCH_GPU_ARGS='-k "not compiled"' (compiling takes minutes per shape).
+# Telemetry needs nvidia-ml-py; without it (no network) the JSON says telemetry is unavailable.
+BENCH_GPU_ARGS ?=
+
+bench-gpu: install
+	@$(PY) -c "import pynvml" 2>/dev/null || $(PIP) install --quiet nvidia-ml-py || \
+	  echo "bench-gpu: could not install nvidia-ml-py; the results will say telemetry is unavailable"
+	mkdir -p bench/out
+	$(PY) -m pytest bench/gpu -q -rs --benchmark-json=bench/out/gpu.json $(BENCH_GPU_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+	$(PY) bench/gpu_summary.py bench/out/gpu.json --out bench/results
 
 clean:
 	rm -rf build demo $(VENV) python/fastdiff/*.so python/fastdiff/_build_info.py *.egg-info python/*.egg-info
