@@ -94,3 +94,17 @@ def test_cache_files_are_keyed_by_architecture_and_shape(tmp_path):
     assert cache.load(tmp_path / "absent.bin", {})[0] == "missing"
     (tmp_path / "junk.bin").write_bytes(b"not a cache")
     assert cache.load(tmp_path / "junk.bin", {})[0] == "corrupt"
+
+
+def test_every_shipped_module_has_a_fingerprint():
+    """diffusers configs are mappings, transformers' are objects with to_dict()."""
+    pytest.importorskip("diffusers", reason="engines need diffusers")
+    import fastdiff
+
+    engine = fastdiff.build_engine("tiny-shapes", device="cpu", backend="compiled")  # compiles lazily
+    modules = [engine.unet, engine.conditioner.text_encoder, engine.decoder.vae]
+    prints = {compiled.module_fingerprint(m) for m in modules}
+    assert len(prints) == 3
+    assert compiled.module_fingerprint(engine.conditioner.text_encoder) == compiled.module_fingerprint(
+        engine.conditioner.text_encoder
+    )

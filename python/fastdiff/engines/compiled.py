@@ -20,7 +20,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -83,8 +83,11 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     reads the weights as inputs."""
     h = hashlib.sha256(type(module).__qualname__.encode())
     config = getattr(module, "config", None)
+    if hasattr(config, "to_dict"):  # transformers' PretrainedConfig
+        config = config.to_dict()
     if config is not None:
-        h.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        config = dict(config) if isinstance(config, Mapping) else {"repr": repr(config)}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, p in module.named_parameters():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
     return h.hexdigest()[:16]
