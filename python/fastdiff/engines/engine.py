@@ -62,11 +62,14 @@ class TextConditioner:
     def __init__(self, tokenizer, text_encoder):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
-        self.encode_ids = lambda ids: self.text_encoder(ids)[0]
+        self.encode_ids = self._run_text_encoder
+
+    def _run_text_encoder(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids)[0]
 
     def accelerate(self, runner: Runner) -> None:
         """Run the text encoder through the engine's backend."""
-        self.encode_ids = runner.wrap("text_encoder", lambda ids: self.text_encoder(ids)[0], self.text_encoder)
+        self.encode_ids = runner.wrap("text_encoder", self._run_text_encoder, self.text_encoder)
 
     def modules(self) -> list:
         return [self.text_encoder]
@@ -121,11 +124,14 @@ class VaeDecoder:
         self.vae = vae
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.channels = vae.config.latent_channels
-        self.decode = lambda z: self.vae.decode(z).sample
+        self.decode = self._run_vae_decoder
+
+    def _run_vae_decoder(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z).sample
 
     def accelerate(self, runner: Runner) -> None:
         """Run the decoder through the engine's backend."""
-        self.decode = runner.wrap("vae_decoder", lambda z: self.vae.decode(z).sample, self.vae)
+        self.decode = runner.wrap("vae_decoder", self._run_vae_decoder, self.vae)
 
     def modules(self) -> list:
         return [self.vae]
@@ -190,6 +196,14 @@ def _finite(t: torch.Tensor) -> bool:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def device_memory(device) -> str:
+    """'the GPU has X GiB, Y GiB free' for a CUDA device (for memory errors)."""
+    if torch.device(device).type != "cuda":
+        return f"{device} memory is the host's"
+    free, total = torch.cuda.mem_get_info(device)
+    return f"the GPU has {_gib(total)}, {_gib(free)} free"
 
 
 def _fallback_dtype(device: torch.device) -> torch.dtype:
@@ -410,8 +424,7 @@ class Engine:
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.empty_cache()
-            free, total = torch.cuda.mem_get_info(self.device)
-            need += f", {_gib(peak)} allocated at the peak) on a {_gib(total)} GPU with {_gib(free)} free now"
+            need += f", {_gib(peak)} allocated at the peak; {device_memory(self.device)} now)"
         else:
             need += f") on {self.device}"
         return OutOfMemoryError(
@@ -496,7 +509,7 @@ class Engine:
             negatives = [n for n in negs for _ in range(num_images)]
         notes = []
         try:
-            self.runner.guard(self.unet, *self.conditioner.modules(), *self.decoder.modules())
+            self.runner.guard(*self._modules())
             denoiser = self.denoiser(batch_prompts, guidance_scale=guidance, negative_prompts=negatives)
             self._sync()
             encoded = time.perf_counter()

