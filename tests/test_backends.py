@@ -61,8 +61,14 @@ def test_auto_and_explicit_backends_on_this_machine():
     with pytest.raises(ValueError, match="unknown backend 'trt'"):
         backends.resolve("trt", "cpu")
     rows = {name: (ok, detail) for name, ok, detail in backends.report("cpu")}
-    assert set(rows) == {"eager", "cuda_graph", "compiled", "tensorrt", "auto"}
+    assert set(rows) == {"eager", "cuda_graph", "compiled", "cpp", "tensorrt", "auto"}
     assert rows["eager"][0] and not rows["cuda_graph"][0]
+    from fastdiff.runtime import why_unavailable
+
+    assert rows["cpp"][0] == (why_unavailable("cpu") is None)
+    if torch.cuda.is_available():
+        with pytest.raises(backends.BackendUnavailableError, match="samples on the CPU"):
+            backends.resolve("cpp", "cuda")
     assert rows["auto"][1].startswith("-> eager")
     if torch.cuda.is_available():
         assert backends.resolve("auto", "cuda")[0] in ("compiled", "cuda_graph")

@@ -1,5 +1,6 @@
 // pybind11 binding fastdiff._C: the only file that knows about Python. It exposes the C++ plan
-// reader and the CPU reference lincomb over NumPy arrays (no torch dependency at build time).
+// reader, the CPU reference lincomb and the CPU sampling loop (fastdiff::Sampler) over NumPy
+// arrays; a Python callable serves as the Denoiser (no torch dependency at build time).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -9,6 +10,8 @@
 
 #include "fastdiff/lincomb.h"
 #include "fastdiff/plan.h"
+#include "fastdiff/program.h"
+#include "fastdiff/sampler.h"
 
 namespace py = pybind11;
 
@@ -57,6 +60,109 @@ void lincomb_typed(py::array dst_any, const std::vector<py::array>& srcs_any, co
   fastdiff::lincomb<T>(out, ptrs.data(), coefs.data(), coefs.size(), static_cast<size_t>(dst_any.size()));
 }
 
+// A Python callable as the Denoiser: fn(x, t, index) -> raw output, x float32 [n, ...] and t
+// float32 [n] NumPy arrays viewing the sampler's buffers (valid during the call only), index an
+// int64 [n] array of sample positions or None for the whole batch. Any object NumPy can read as
+// float32 (a CPU torch tensor, an ndarray) is accepted as the result.
+class PyDenoiser : public fastdiff::Denoiser {
+ public:
+  explicit PyDenoiser(py::function fn) : fn_(std::move(fn)) {}
+
+  void forward(const fastdiff::DenoiserCall& call) override {
+    py::gil_scoped_acquire gil;
+    std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(call.n)};
+    for (int64_t s : *call.sample_shape) shape.push_back(static_cast<py::ssize_t>(s));
+    py::capsule owner(call.x, [](void*) {});  // the sampler owns the memory
+    py::array_t<float> x(shape, const_cast<float*>(call.x), owner);
+    py::array_t<float> t({static_cast<py::ssize_t>(call.n)}, const_cast<float*>(call.t), owner);
+    py::object index = py::none();
+    if (call.index != nullptr) {
+      py::array_t<int64_t> idx(static_cast<py::ssize_t>(call.n));
+      std::copy_n(call.index, call.n, idx.mutable_data());
+      index = idx;
+    }
+    py::object result = fn_(x, t, index);
+    std::vector<py::ssize_t> expect = shape;
+    const int64_t rows = call.guided ? 2 * call.n : call.n;
+    expect[0] = static_cast<py::ssize_t>(rows);
+    auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(result);
+    if (!arr) {
+      PyErr_Clear();
+      throw py::value_error("returned " + std::string(py::str(py::type::of(result).attr("__name__"))) +
+                            ", expected a float32 array or CPU tensor");
+    }
+    std::vector<py::ssize_t> got(arr.shape(), arr.shape() + arr.ndim());
+    if (got != expect) {
+      auto fmt = [](const std::vector<py::ssize_t>& v) {
+        std::string s = "(";
+        for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+        return s + (v.size() == 1 ? ",)" : ")");
+      };
+      throw py::value_error("returned shape " + fmt(got) + "; expected " + fmt(expect) +
+                            (call.guided ? " (the raw output, [uncond; cond] under guidance)" : ""));
+    }
+    std::copy_n(arr.data(), static_cast<size_t>(arr.size()), call.out);
+  }
+
+ private:
+  py::function fn_;
+};
+
+py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::array x_T_any, py::object guidance,
+                     py::object gate, py::object callback) {
+  auto x_T = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_T_any);
+  if (!x_T || x_T.ndim() < 2)
+    throw py::value_error("Sampler.run: x_T must be a float32 array [batch, ...] with at least 2 dimensions");
+  fastdiff::SampleRequest req;
+  req.x_T = x_T.data();
+  req.batch = x_T.shape(0);
+  req.sample_shape.assign(x_T.shape() + 1, x_T.shape() + x_T.ndim());
+  py::array_t<float, py::array::c_style | py::array::forcecast> w;
+  if (!guidance.is_none()) {
+    w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(guidance);
+    if (!w || w.ndim() != 1 || w.shape(0) != req.batch)
+      throw py::value_error("Sampler.run: guidance must be a float32 array of " + std::to_string(req.batch) +
+                            " weights (one per sample) or None");
+    req.guidance = w.data();
+  }
+  fastdiff::GateOptions gate_options;
+  if (!gate.is_none()) {
+    auto g = gate.cast<py::dict>();
+    for (auto item : g) {
+      const std::string key = py::str(item.first);
+      if (key == "delta") gate_options.delta = item.second.cast<double>();
+      else if (key == "max_skips") gate_options.max_skips = item.second.cast<int>();
+      else if (key == "warmup") gate_options.warmup = item.second.cast<int>();
+      else if (key == "per_sample") gate_options.per_sample = item.second.cast<bool>();
+      else throw py::value_error("Sampler.run: unknown gate option '" + key + "' (delta, max_skips, warmup, per_sample)");
+    }
+    req.gate = &gate_options;
+  }
+  if (!callback.is_none()) {
+    py::function cb = callback;
+    const std::vector<py::ssize_t> shape(x_T.shape(), x_T.shape() + x_T.ndim());
+    req.callback = [cb, shape](int k, const float* x) {
+      py::gil_scoped_acquire gil;
+      py::capsule owner(x, [](void*) {});
+      cb(k, py::array_t<float>(shape, const_cast<float*>(x), owner));
+    };
+  }
+  PyDenoiser model(fn);
+  fastdiff::SampleResult r;
+  {
+    py::gil_scoped_release release;
+    r = sampler.run(model, req);
+  }
+  py::array_t<float> latents(std::vector<py::ssize_t>(x_T.shape(), x_T.shape() + x_T.ndim()));
+  std::copy(r.latents.begin(), r.latents.end(), latents.mutable_data());
+  py::dict out;
+  out["latents"] = latents;
+  out["nfe"] = r.nfe;
+  out["unet_calls"] = r.unet_calls;
+  out["skipped"] = r.skipped;
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -90,6 +196,22 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("dst"), py::arg("srcs"), py::arg("coefs"),
       "dst[i] = sum_j coefs[j] * srcs[j][i], accumulated in double; dst may be one of srcs.");
+
+  py::register_exception<fastdiff::SamplerError>(m, "SamplerError", PyExc_RuntimeError);
+
+  py::class_<fastdiff::Sampler>(m, "Sampler",
+                                "The C++ sampling loop over a StepPlan (CPU, float32). Sampler(plan_json_text).")
+      .def(py::init([](const std::string& text) { return fastdiff::Sampler(fastdiff::parse_plan(text)); }),
+           py::arg("plan_json"))
+      .def_property_readonly("program_origin", [](const fastdiff::Sampler& s) { return s.program().origin; },
+                             "'file' (the plan file's compiled program) or 'dense' (built by the C++ runtime)")
+      .def_property_readonly("num_rows", [](const fastdiff::Sampler& s) { return s.program().num_rows; },
+                             "latents the program keeps")
+      .def_property_readonly("num_calls", [](const fastdiff::Sampler& s) { return s.plan().num_calls(); })
+      .def("run", &run_sampler, py::arg("fn"), py::arg("x_T"), py::arg("guidance") = py::none(),
+           py::arg("gate") = py::none(), py::arg("callback") = py::none(),
+           "Sample: fn(x, t, index) -> raw output ([uncond; cond] with guidance). Returns a dict with "
+           "latents, nfe, unet_calls, skipped. gate: dict(delta, max_skips, warmup, per_sample) or None.");
 
   m.attr("PLAN_VERSION") = fastdiff::kPlanVersion;
   m.attr("PLAN_FORMAT") = fastdiff::kPlanFormat;

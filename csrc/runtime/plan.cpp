@@ -2,6 +2,8 @@
 // tests/test_plan_cpp.py feeds both the same files and compares code and message.
 #include "fastdiff/plan.h"
 
+#include "fastdiff/program.h"
+
 #include <cmath>
 #include <fstream>
 #include <sstream>
@@ -45,6 +47,69 @@ const Value& required(const Value& doc, const std::string& key) {
   const Value* v = doc.find(key);
   if (v == nullptr) throw PlanError("field", "plan field '" + key + "' is missing");
   return *v;
+}
+
+[[noreturn]] void program_error(const std::string& message) {
+  throw PlanError("program", "plan program: " + message);
+}
+
+const Value& program_field(const Value& prog, const std::string& key) {
+  const Value* v = prog.find(key);
+  if (v == nullptr) program_error("field '" + key + "' is missing");
+  return *v;
+}
+
+int64_t program_int(const Value& v, const std::string& what) {
+  if (!is_number(v) || !v.is_integer) program_error(what + " must be an integer, found " + describe(v));
+  return static_cast<int64_t>(v.number);
+}
+
+double program_number(const Value& v, const std::string& what) {
+  if (!is_number(v)) program_error(what + " must be a number, found " + describe(v));
+  if (!std::isfinite(v.number)) program_error(what + " is not finite (" + nonfinite_name(v.number) + ")");
+  return v.number;
+}
+
+// A nested array of the given shape, flattened row-major; leaves read with `leaf`.
+template <typename T, typename Leaf>
+std::vector<T> program_array(const Value& v, const std::string& name, const std::vector<size_t>& shape, Leaf leaf) {
+  std::vector<T> out;
+  auto walk = [&](auto&& self, const Value& node, size_t depth, const std::string& where) -> void {
+    if (depth == shape.size()) {
+      out.push_back(static_cast<T>(leaf(node, where)));
+      return;
+    }
+    if (node.kind != Value::Kind::Array || node.array.size() != shape[depth])
+      program_error(where + " must be an array of " + std::to_string(shape[depth]) + " entries, found " +
+                    (node.kind == Value::Kind::Array ? std::to_string(node.array.size()) + " entries" : describe(node)));
+    for (size_t i = 0; i < node.array.size(); ++i)
+      self(self, node.array[i], depth + 1, where + "[" + std::to_string(i) + "]");
+  };
+  walk(walk, v, 0, name);
+  return out;
+}
+
+std::shared_ptr<const Program> parse_program(const Value& prog, size_t n) {
+  if (prog.kind != Value::Kind::Object) program_error("'program' must be an object, found " + describe(prog));
+  auto p = std::make_shared<Program>();
+  p->origin = "file";
+  p->num_rows = program_int(program_field(prog, "num_rows"), "num_rows");
+  p->width = program_int(program_field(prog, "width"), "width");
+  if (p->num_rows < 1 || p->width < 1 || p->width > 4096)
+    program_error("num_rows and width must be in 1..4096, found " + std::to_string(p->num_rows) + " and " +
+                  std::to_string(p->width));
+  p->init_row = program_int(program_field(prog, "init_row"), "init_row");
+  p->init_coef = program_number(program_field(prog, "init_coef"), "init_coef");
+  p->result_row = program_int(program_field(prog, "result_row"), "result_row");
+  const size_t w = static_cast<size_t>(p->width);
+  auto as_int = [](const Value& v, const std::string& where) { return program_int(v, where); };
+  auto as_num = [](const Value& v, const std::string& where) { return program_number(v, where); };
+  p->x_row = program_array<int32_t>(program_field(prog, "x_row"), "x_row", {n}, as_int);
+  p->dst = program_array<int32_t>(program_field(prog, "dst"), "dst", {n, 2}, as_int);
+  p->src = program_array<int32_t>(program_field(prog, "src"), "src", {n, 2, w}, as_int);
+  p->coef = program_array<double>(program_field(prog, "coef"), "coef", {n, 2, w}, as_num);
+  p->gcoef = program_array<double>(program_field(prog, "gcoef"), "gcoef", {n, 2}, as_num);
+  return p;
 }
 
 }  // namespace
@@ -170,6 +235,10 @@ StepPlan parse_plan(const std::string& text) {
     for (const Value& x : row.array) plan.coef.push_back(x.number);
   }
   plan.validate();
+  if (const Value* prog = doc.find("program"); prog != nullptr && prog->kind != Value::Kind::Null) {
+    plan.program = parse_program(*prog, n);
+    check_program(*plan.program, plan);
+  }
   return plan;
 }
 

@@ -202,20 +202,29 @@ class StepPlan:
             "metadata": self.metadata,
         }
 
-    def dumps(self) -> str:
-        """JSON text; floats are written with repr, so they read back bit for bit."""
+    def dumps(self, *, program: bool = False) -> str:
+        """JSON text; floats are written with repr, so they read back bit for bit.
+
+        program=True adds the compiled executor program (``"program"``: the fused-step tables
+        of `step_tables`, see `fastdiff.ops.step.StepTables.to_dict`) so that the C++ runtime
+        runs exactly the Python executor's program; readers that do not use it ignore it, and
+        the C++ reader checks that it re-expands to ``coef``."""
         d = self.to_dict()
         coef = d.pop("coef")
         metadata = d.pop("metadata")
         head = json.dumps(d, indent=1, allow_nan=False)[:-2]
         rows = ",\n  ".join(json.dumps(row, allow_nan=False) for row in coef)
         meta = json.dumps(metadata, indent=1, sort_keys=True, allow_nan=False).replace("\n", "\n ")
-        return f'{head},\n "coef": [\n  {rows}\n ],\n "metadata": {meta}\n}}\n'
+        prog = ""
+        if program:
+            prog = f',\n "program": {json.dumps(self.step_tables().to_dict(), allow_nan=False)}'
+        return f'{head},\n "coef": [\n  {rows}\n ]{prog},\n "metadata": {meta}\n}}\n'
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, program: bool = False) -> Path:
+        """Write the plan file atomically; program=True includes the compiled program (`dumps`)."""
         path = Path(path)
         try:
-            text = self.dumps()
+            text = self.dumps(program=program)
         except ValueError as exc:  # json refuses NaN/inf in metadata with allow_nan=False
             raise PlanError(f"plan metadata must hold finite numbers to be saved: {exc}", "field") from exc
         tmp = path.with_name(path.name + ".tmp")

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,7 +21,7 @@ inline constexpr int kPlanVersion = 1;
 
 // A plan file or plan that cannot be used. code() is a short stable category
 // ("json", "format", "version", "field", "shape", "nonfinite", "triangular", "first_row",
-// "prediction_type", "time_range"); what() says exactly what is wrong and what was expected.
+// "prediction_type", "time_range", "program"); what() says exactly what is wrong and what was expected.
 class PlanError : public std::runtime_error {
  public:
   PlanError(std::string code, const std::string& message)
@@ -31,6 +32,29 @@ class PlanError : public std::runtime_error {
   std::string code_;
 };
 
+// The executor's program: the fused-step tables of fastdiff.ops.step.StepTables (see
+// fastdiff/program.h). Per call k, at most two basis rows are written, each a combination of the
+// guided model output g and live basis rows; basis row r holds executor slot r + 1.
+struct Program {
+  int64_t num_rows = 0;          // basis rows (latents the executor keeps)
+  int64_t width = 0;             // columns per table row
+  int64_t init_row = 0;          // basis[init_row] = init_coef * x_T before call 0
+  double init_coef = 1.0;
+  int64_t result_row = 0;        // the result after the last call
+  std::vector<int32_t> x_row;    // [N] basis row holding the input of call k
+  std::vector<int32_t> dst;      // [N*2] rows written by call k (-1: none); 0 = output slot, 1 = next input
+  std::vector<int32_t> src;      // [N*2*width] source rows (-1: unused)
+  std::vector<double> coef;      // [N*2*width]
+  std::vector<double> gcoef;     // [N*2] coefficient of g
+  std::string origin;            // "file" (the plan file's compiled program) or "dense" (built here)
+
+  size_t num_steps() const { return x_row.size(); }
+  int32_t dst_at(size_t k, size_t i) const { return dst[k * 2 + i]; }
+  int32_t src_at(size_t k, size_t i, size_t j) const { return src[(k * 2 + i) * width + j]; }
+  double coef_at(size_t k, size_t i, size_t j) const { return coef[(k * 2 + i) * width + j]; }
+  double gcoef_at(size_t k, size_t i) const { return gcoef[k * 2 + i]; }
+};
+
 struct StepPlan {
   std::vector<double> times;          // [N] model time of each call, model units
   std::vector<double> coef;           // [(N+1)*(N+1)] row-major, lower-triangular
@@ -38,6 +62,9 @@ struct StepPlan {
   std::string schedule_fingerprint;   // empty when the plan names no schedule
   int64_t num_train_timesteps = 0;    // 0 when unknown
   int version = kPlanVersion;
+  // The compiled program when the file carries one ("program", written by
+  // StepPlan.save(path, program=True)); parse_plan checks that it re-expands to coef.
+  std::shared_ptr<const Program> program;
 
   size_t num_calls() const { return times.size(); }
   size_t dim() const { return times.size() + 1; }

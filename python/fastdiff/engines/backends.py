@@ -6,6 +6,9 @@
   loop (UNet calls + fused steps) is one graph per (plan, batch, size).
 - compiled: torch.compile of each module (artefacts cached on disk, see `compiled`), then, on a
   GPU, the same graph capture as cuda_graph. On the CPU it is torch.compile alone.
+- cpp: the sampling loop (fused steps, guidance, the gate) runs in the C++ runtime
+  (fastdiff._C.Sampler, `fastdiff.runtime`); the modules run eagerly, called back from C++.
+  This build's C++ loop is CPU/float32 only.
 - auto: compiled on a GPU with Triton, cuda_graph on a GPU without it, eager on the CPU.
 
 TensorRT is detected (`fastdiff info`) but no backend uses it in this build.
@@ -21,7 +24,7 @@ import torch
 from .compiled import CompileCache, CompiledCall, module_fingerprint, why_not_compilable
 from .graphs import CaptureError, GraphCache
 
-BACKENDS = ("eager", "cuda_graph", "compiled")
+BACKENDS = ("eager", "cuda_graph", "compiled", "cpp")
 CHOICES = ("auto", *BACKENDS)
 
 
@@ -38,6 +41,10 @@ def why_unavailable(backend: str, device) -> str | None:
         return None if device.type == "cuda" else f"CUDA graphs need a CUDA device, the engine is on {device}"
     if backend == "compiled":
         return why_not_compilable(device)
+    if backend == "cpp":
+        from ..runtime import why_unavailable as cpp_unavailable
+
+        return cpp_unavailable(device)
     if backend == "tensorrt":
         try:
             import tensorrt

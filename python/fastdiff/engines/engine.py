@@ -15,6 +15,7 @@ from ..denoisers import GuidedDenoiser
 from ..executor import FusedState, run, run_fused
 from ..gate import AdaptiveGate
 from ..plan import StepPlan
+from ..runtime import run_fused_cpp
 from ..schedules import DiscreteSchedule
 from . import backends as _backends
 from .backends import Runner
@@ -240,6 +241,11 @@ class Engine:
         captured graphs kept (each holds a memory pool). graph_mode "emulate" gives the graph
         cache's buffer semantics without CUDA (tests only)."""
         self.backend, self.backend_reason = _backends.resolve(backend, device)
+        if self.backend == "cpp" and dtype != torch.float32:
+            raise _backends.BackendUnavailableError(
+                f"backend 'cpp' samples float32 latents; this engine is {str(dtype).replace('torch.', '')} "
+                "(build it with dtype=torch.float32)"
+            )
         self.name = name
         self.unet = unet
         self.conditioner = conditioner
@@ -368,7 +374,8 @@ class Engine:
                     warnings.warn(f"fastdiff: {self.name}: {self._no_loop_graph}", RuntimeWarning, stacklevel=3)
             if fused:
                 w = denoiser.weights(batch, x_T.device)
-                r = run_fused(plan, denoiser.raw, x_T, guidance=w, gate=gate, callback=callback)
+                loop = run_fused_cpp if self.backend == "cpp" else run_fused
+                r = loop(plan, denoiser.raw, x_T, guidance=w, gate=gate, callback=callback)
                 return r.latents, r.nfe, r.unet_calls, r.skipped
             before = denoiser.calls
             latents = run(plan, denoiser, x_T, callback=callback)
@@ -491,9 +498,11 @@ class Engine:
             plan = self.plan_for(sampler or self.sampler, steps)
         plan.check_schedule(self.schedule)
         gate = _gate(skip)
-        if fused is None:  # skipping needs it; captured graphs run the loop fused
-            fused = gate is not None or self.runner.graphs is not None
+        if fused is None:  # skipping needs it; captured graphs and the C++ loop run it fused
+            fused = gate is not None or self.runner.graphs is not None or self.backend == "cpp"
         fused = bool(fused)
+        if self.backend == "cpp" and not fused:
+            raise ValueError("backend 'cpp' always runs the fused step: leave fused=None (or True)")
         if gate is not None and not fused:
             raise ValueError("skip= needs the fused step (fused=True or None)")
         guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)

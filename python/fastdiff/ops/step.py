@@ -65,6 +65,22 @@ class StepTables:
     def num_steps(self) -> int:
         return int(self.dst.shape[0])
 
+    def to_dict(self) -> dict:
+        """The tables as plain JSON values (the ``"program"`` field of a plan file, read by the
+        C++ runtime); floats are written with repr, so they read back bit for bit."""
+        return {
+            "num_rows": int(self.num_rows),
+            "width": int(self.width),
+            "init_row": int(self.init_row),
+            "init_coef": float(self.init_coef),
+            "result_row": int(self.result_row),
+            "x_row": [int(r) for r in self.x_row],
+            "dst": self.dst.tolist(),
+            "src": self.src.tolist(),
+            "coef": self.coef.tolist(),
+            "gcoef": self.gcoef.tolist(),
+        }
+
     def on(self, device, dtype: torch.dtype = torch.float32) -> DeviceTables:
         coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -1,0 +1,92 @@
+// The sampling loop in C++: a StepPlan's program, a Denoiser, the fused step after every call,
+// classifier-free guidance and AdaptiveDiffusion's step-skipping gate. This is the CPU
+// implementation (float32 latents in host memory); it follows fastdiff.executor.run_fused and
+// fastdiff.ops.step.fused_step_reference operation for operation (float32 arithmetic, each
+// product and sum rounded as torch rounds it), so given the same model outputs it returns the
+// Python executor's latents (tests/test_cpp_runtime.py holds them together).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fastdiff/plan.h"
+
+namespace fastdiff {
+
+// Thrown for unusable sampling inputs (shapes, guidance, gate settings) and for a model call
+// that failed or returned something unusable; the message names the call.
+class SamplerError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// One model call: the latents of `n` samples (those listed in `index`, or the whole batch when
+// index is null) at model time t. The denoiser writes its raw output to `out`: [n, ...] without
+// guidance, [2n, ...] = [unconditional; conditional] with guidance.
+struct DenoiserCall {
+  int step = 0;                            // call k of the plan
+  int64_t n = 0;                           // samples in this call
+  const int64_t* index = nullptr;          // their positions in the batch (null: 0..n-1, the whole batch)
+  const std::vector<int64_t>* sample_shape = nullptr;  // one latent's shape, e.g. {4, 8, 8}
+  const float* x = nullptr;                // [n, ...sample_shape]
+  const float* t = nullptr;                // [n] model times
+  bool guided = false;
+  float* out = nullptr;                    // [(guided ? 2n : n), ...sample_shape]
+};
+
+// The model as the sampler sees it. A Denoiser holds its conditioning (for the whole batch;
+// `index` selects rows). forward may throw; the sampler reports the failing call.
+class Denoiser {
+ public:
+  virtual ~Denoiser() = default;
+  virtual void forward(const DenoiserCall& call) = 0;
+};
+
+// AdaptiveDiffusion's gate (fastdiff.gate.AdaptiveGate): skip call k+1 when
+// |d_k − 2·d_{k−1} + d_{k−2}| <= 2·delta·d_{k−1}, d_k = mean|x^(k+1) − x^(k)|.
+struct GateOptions {
+  double delta = 0.01;
+  int max_skips = 4;
+  int warmup = 3;
+  bool per_sample = true;  // false: one decision for the batch from the batch-mean statistic
+};
+
+struct SampleRequest {
+  const float* x_T = nullptr;              // [batch, ...sample_shape], not modified
+  int64_t batch = 0;
+  std::vector<int64_t> sample_shape;
+  const float* guidance = nullptr;         // [batch] weights w (g = u + w·(c − u)), or null: no guidance
+  const GateOptions* gate = nullptr;       // null: no skipping
+  // Runs after call k with the next model input (the result after the last call), [batch, ...].
+  std::function<void(int, const float*)> callback;
+};
+
+struct SampleResult {
+  std::vector<float> latents;              // [batch, ...sample_shape]
+  std::vector<int> nfe;                    // model calls made per sample
+  int unet_calls = 0;                      // batched denoiser invocations
+  std::vector<std::vector<int>> skipped;   // per sample, the calls that were skipped
+};
+
+class Sampler {
+ public:
+  // Uses the plan's own program when its file carried one, else the dense program.
+  explicit Sampler(StepPlan plan);
+
+  const StepPlan& plan() const { return plan_; }
+  const Program& program() const { return *program_; }
+
+  // Thread-safe: run keeps all its state on the stack, so one Sampler serves many threads
+  // (the Denoiser must then be thread-safe too, or one per thread).
+  SampleResult run(Denoiser& model, const SampleRequest& request) const;
+
+ private:
+  StepPlan plan_;
+  std::shared_ptr<const Program> program_;
+};
+
+}  // namespace fastdiff

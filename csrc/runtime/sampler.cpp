@@ -1,0 +1,210 @@
+// CPU sampling loop. Mirrors fastdiff.executor.run_fused (+ FusedState.loop without a gate) and
+// fastdiff.ops.step.fused_step_reference: float32 arithmetic in torch's operation order
+//   g = u + w·(c − u);  row = gcoef·g, then row = row + coef_j·basis[src_j] for each column j
+// so that, given the same model outputs, the latents agree with the Python executor's to float32
+// rounding of the gate statistic's mean (the only reduction, used only for skip decisions).
+#include "fastdiff/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <numeric>
+#include <string>
+#include <utility>
+
+#include "fastdiff/program.h"
+
+namespace fastdiff {
+namespace {
+
+struct RowTerms {
+  int32_t dst = -1;
+  float gcoef = 0.0f;
+  std::vector<std::pair<int32_t, float>> terms;  // (source row, coefficient)
+};
+
+// The gate's state (fastdiff.gate.AdaptiveGate after start()), one entry per decision group.
+struct GateState {
+  GateOptions opt;
+  std::vector<float> d1, d2;
+  std::vector<int> run;
+  int calls = 1;  // call 0 is always made
+
+  GateState(const GateOptions& o, size_t groups) : opt(o), d1(groups, 0.0f), d2(groups, 0.0f), run(groups, 0) {}
+
+  // observe_stat: the skip flags for the next call from d (float32 per group).
+  std::vector<char> observe(const std::vector<float>& d) {
+    const bool active = calls >= std::max(3, opt.warmup);
+    ++calls;
+    const float threshold_scale = static_cast<float>(2.0 * opt.delta);
+    std::vector<char> skip(d.size(), 0);
+    for (size_t g = 0; g < d.size(); ++g) {
+      if (active) {
+        const float third = std::fabs((d[g] - 2.0f * d1[g]) + d2[g]);
+        skip[g] = third <= threshold_scale * d1[g] && run[g] < opt.max_skips;
+      }
+      d2[g] = d1[g];
+      d1[g] = d[g];
+      run[g] = skip[g] ? run[g] + 1 : 0;
+    }
+    return skip;
+  }
+};
+
+void check_request(const SampleRequest& r) {
+  if (r.x_T == nullptr) throw SamplerError("sample: x_T is null");
+  if (r.batch < 1) throw SamplerError("sample: batch must be >= 1, got " + std::to_string(r.batch));
+  if (r.sample_shape.empty()) throw SamplerError("sample: sample_shape is empty (expected e.g. {4, 8, 8})");
+  for (int64_t s : r.sample_shape)
+    if (s < 1) throw SamplerError("sample: sample_shape has a non-positive dimension " + std::to_string(s));
+  if (r.guidance != nullptr)
+    for (int64_t b = 0; b < r.batch; ++b)
+      if (!std::isfinite(r.guidance[b]))
+        throw SamplerError("sample: guidance weight " + std::to_string(b) + " is not finite");
+  if (r.gate != nullptr) {
+    const GateOptions& g = *r.gate;
+    if (!(g.delta >= 0.0) || !std::isfinite(g.delta))
+      throw SamplerError("sample: gate delta must be a finite number >= 0, got " + std::to_string(g.delta));
+    if (g.max_skips < 0 || g.warmup < 0) throw SamplerError("sample: gate max_skips and warmup must be >= 0");
+  }
+}
+
+}  // namespace
+
+Sampler::Sampler(StepPlan plan) : plan_(std::move(plan)) {
+  plan_.validate();
+  program_ = program_for(plan_);
+}
+
+SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
+  check_request(req);
+  const Program& p = *program_;
+  const size_t steps = p.num_steps();
+  const int64_t batch = req.batch;
+  int64_t m = 1;
+  for (int64_t s : req.sample_shape) m *= s;
+  const bool guided = req.guidance != nullptr;
+  const bool gated = req.gate != nullptr;
+  const size_t bm = static_cast<size_t>(batch * m);
+
+  std::vector<float> basis(static_cast<size_t>(p.num_rows) * bm);
+  std::vector<float> raw((guided ? 2 : 1) * bm);
+  std::vector<float> out(gated ? bm : 0);       // each sample's last guided output (for skips)
+  std::vector<float> xin, tin(static_cast<size_t>(batch));  // compacted inputs
+  std::vector<float> stat(gated ? batch : 0);
+  auto row = [&](int64_t r) { return basis.data() + static_cast<size_t>(r) * bm; };
+
+  const float init = static_cast<float>(p.init_coef);
+  float* init_row = row(p.init_row);
+  for (size_t i = 0; i < bm; ++i) init_row[i] = req.x_T[i] * init;
+
+  SampleResult result;
+  result.nfe.assign(batch, 0);
+  result.skipped.assign(batch, {});
+  std::unique_ptr<GateState> gate;
+  if (gated) gate = std::make_unique<GateState>(*req.gate, req.gate->per_sample ? batch : 1);
+  std::vector<char> skip(batch, 0);
+  std::vector<int64_t> index, rows(batch);
+
+  for (size_t k = 0; k < steps; ++k) {
+    const float t = static_cast<float>(plan_.times[k]);
+    float* x = row(p.x_row[k]);
+    index.clear();
+    for (int64_t b = 0; b < batch; ++b)
+      if (!skip[b]) index.push_back(b);
+    const int64_t n = static_cast<int64_t>(index.size());
+    for (int64_t b = 0, r = 0; b < batch; ++b) rows[b] = skip[b] ? -1 : r++;
+
+    if (n > 0) {
+      DenoiserCall call;
+      call.step = static_cast<int>(k);
+      call.n = n;
+      call.sample_shape = &req.sample_shape;
+      call.guided = guided;
+      call.out = raw.data();
+      std::fill(tin.begin(), tin.begin() + n, t);
+      call.t = tin.data();
+      if (n == batch) {
+        call.x = x;
+      } else {
+        xin.resize(static_cast<size_t>(n * m));
+        for (int64_t r = 0; r < n; ++r) std::copy_n(x + index[r] * m, m, xin.data() + r * m);
+        call.x = xin.data();
+        call.index = index.data();
+      }
+      try {
+        model.forward(call);
+      } catch (const std::exception& e) {
+        throw SamplerError("model call " + std::to_string(k) + " (t=" + std::to_string(plan_.times[k]) +
+                           ", " + std::to_string(n) + " samples) failed: " + e.what());
+      }
+      ++result.unet_calls;
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      if (skip[b])
+        result.skipped[b].push_back(static_cast<int>(k));
+      else
+        ++result.nfe[b];
+    }
+
+    // The fused step: both rows from the values before the call, element by element.
+    RowTerms rt[2];
+    for (size_t i = 0; i < 2; ++i) {
+      rt[i].dst = p.dst_at(k, i);
+      if (rt[i].dst < 0) continue;
+      rt[i].gcoef = static_cast<float>(p.gcoef_at(k, i));
+      for (int64_t j = 0; j < p.width; ++j)
+        if (p.src_at(k, i, j) >= 0) rt[i].terms.emplace_back(p.src_at(k, i, j), static_cast<float>(p.coef_at(k, i, j)));
+    }
+    for (int64_t b = 0; b < batch; ++b) {
+      const int64_t r = rows[b];
+      const float w = guided ? req.guidance[b] : 0.0f;
+      const float* u = r >= 0 ? raw.data() + r * m : nullptr;
+      const float* c = r >= 0 && guided ? raw.data() + (n + r) * m : nullptr;
+      float* o = gated ? out.data() + b * m : nullptr;
+      const size_t off = static_cast<size_t>(b * m);
+      const float* xb = x + off;
+      float* d0 = rt[0].dst >= 0 ? row(rt[0].dst) + off : nullptr;
+      float* d1 = row(rt[1].dst) + off;
+      double acc = 0.0;
+      for (int64_t e = 0; e < m; ++e) {
+        float g;
+        if (r >= 0) {
+          g = guided ? u[e] + w * (c[e] - u[e]) : u[e];
+          if (o != nullptr) o[e] = g;
+        } else {
+          g = o[e];
+        }
+        const float xe = xb[e];
+        float v[2] = {0.0f, 0.0f};
+        for (size_t i = 0; i < 2; ++i) {
+          if (rt[i].dst < 0) continue;
+          float value = rt[i].gcoef * g;
+          for (const auto& term : rt[i].terms) value = value + term.second * row(term.first)[off + e];
+          v[i] = value;
+        }
+        if (d0 != nullptr) d0[e] = v[0];
+        d1[e] = v[1];
+        if (gated) acc += std::fabs(v[1] - xe);
+      }
+      if (gated) stat[b] = static_cast<float>(acc / static_cast<double>(m));
+    }
+
+    if (gated && k + 1 < steps) {
+      std::vector<char> flags;
+      if (req.gate->per_sample) {
+        flags = gate->observe(stat);
+      } else {
+        const double mean = std::accumulate(stat.begin(), stat.end(), 0.0) / static_cast<double>(batch);
+        flags = gate->observe({static_cast<float>(mean)});
+      }
+      for (int64_t b = 0; b < batch; ++b) skip[b] = req.gate->per_sample ? flags[b] : flags[0];
+    }
+    if (req.callback) req.callback(static_cast<int>(k), row(p.dst_at(k, 1)));
+  }
+  const float* res = row(p.result_row);
+  result.latents.assign(res, res + bm);
+  return result;
+}
+
+}  // namespace fastdiff

@@ -1,0 +1,34 @@
+"""Writes the plan files with compiled programs that csrc/tests/test_sampler.cpp reads.
+
+Run from the repository root: python tests/data/programs/make.py (the outputs are committed).
+"""
+
+import json
+from pathlib import Path
+
+from fastdiff import solvers
+from fastdiff.schedules import PRESETS, DiscreteSchedule
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    schedule = DiscreteSchedule.from_config(PRESETS["sd21"])
+    plan = solvers.build_variant("unipc", schedule, 6)
+    plan.save(HERE / "unipc_6.json", program=True)
+    doc = json.loads(plan.dumps(program=True))
+    # bad: one coefficient of the program changed (the program no longer computes the plan)
+    bad = json.loads(json.dumps(doc))
+    bad["program"]["coef"][2][1][0] += 0.25
+    (HERE / "bad_coef.json").write_text(json.dumps(bad))
+    # bad: the program of another plan (DDIM at 6 steps) under this plan's coefficients
+    other = json.loads(solvers.build_variant("ddim", schedule, 6).dumps(program=True))
+    (HERE / "bad_other_plan.json").write_text(json.dumps({**doc, "program": other["program"]}))
+    # bad: a table of the wrong size
+    short = json.loads(json.dumps(doc))
+    short["program"]["x_row"] = short["program"]["x_row"][:-1]
+    (HERE / "bad_size.json").write_text(json.dumps(short))
+
+
+if __name__ == "__main__":
+    main()
