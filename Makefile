@@ -11,7 +11,7 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp install torch bench bench-gpu clean help
+.PHONY: demo test test-python test-cpp aoti-package install torch bench bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
@@ -42,8 +42,22 @@ DEMO_PROMPT ?= a red circle on a blue background
 demo: install
 	$(PY) -m fastdiff.cli sample "$(DEMO_PROMPT)" --model tiny-shapes --steps 20 --seed 0 --scale 8 --out demo/tiny-shapes.png
 
-test-cpp:
-	cmake -S . -B $(BUILD_DIR) -DFASTDIFF_BUILD_TESTS=ON -DFASTDIFF_BUILD_PYTHON=OFF > /dev/null
+# The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
+# the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is
+# compiled here first (about 2 minutes on 2 cores; rebuilt when fastdiff/aoti.py changes).
+AOTI_PACKAGE ?= build/aoti/tiny-shapes
+TORCH_PREFIX = $(shell $(PY) -c "import torch.utils; print(torch.utils.cmake_prefix_path)" 2>/dev/null)
+
+$(AOTI_PACKAGE)/package.json: python/fastdiff/aoti.py
+	$(PY) -m fastdiff.cli export --format aoti --model tiny-shapes --out $(AOTI_PACKAGE) --steps 8 \
+	  --prompt "a red circle on a blue background" --prompt "a green square at the top"
+
+aoti-package: install $(AOTI_PACKAGE)/package.json
+
+test-cpp: aoti-package
+	cmake -S . -B $(BUILD_DIR) -DFASTDIFF_BUILD_TESTS=ON -DFASTDIFF_BUILD_PYTHON=OFF \
+	  -DFASTDIFF_WITH_TORCH=ON -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" \
+	  -DFASTDIFF_TEST_PACKAGE="$(abspath $(AOTI_PACKAGE))" > /dev/null
 	cmake --build $(BUILD_DIR) --parallel $(JOBS)
 	cd $(BUILD_DIR) && ctest --output-on-failure
 

@@ -115,6 +115,26 @@ def cmd_export(args) -> int:
     from .export import ExportError, export_onnx
 
     engine = build_engine(args.model, device="cpu", dtype="float32", weights=args.weights)
+    if args.format == "aoti":
+        from .aoti import AOTIExportError, export_aoti
+        from .plan import StepPlan
+
+        try:
+            manifest = export_aoti(
+                engine,
+                args.out,
+                prompts=args.prompt or ["a red circle on a blue background"],
+                negative_prompt=args.negative_prompt,
+                guidance_scale=args.guidance,
+                sampler=args.sampler,
+                steps=args.steps,
+                plan=StepPlan.load(args.plan) if args.plan else None,
+                decoder=not args.no_decoder,
+            )
+        except AOTIExportError as exc:
+            raise ValueError(str(exc)) from exc
+        print(f"wrote {manifest}")
+        return 0
     try:
         modules = export_onnx(engine, args.out, batch=args.batch, validate=not args.no_validate)
     except ExportError as exc:
@@ -276,10 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
     p.add_argument(
         "--backend",
-        choices=("auto", "eager", "cuda_graph", "compiled"),
+        choices=("auto", "eager", "cuda_graph", "compiled", "cpp"),
         default="auto",
         help="how the UNet, text encoder and VAE run: eager; cuda_graph (captured CUDA graphs, GPU only); "
         "compiled (torch.compile, plus CUDA graphs on a GPU; the first call per size compiles, cached on disk); "
+        "cpp (the sampling loop in the C++ runtime, modules eager; CPU float32 in this build); "
         "auto = compiled on a GPU, eager on the CPU (default; `fastdiff info` says what is available and why)",
     )
     p.add_argument(
@@ -352,10 +373,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a model's text encoder, UNet and VAE decoder to ONNX (TensorRT's input), checked by onnxruntime",
     )
     p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
-    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (onnx; default onnx)")
     p.add_argument(
-        "--out", required=True, help="directory receiving text_encoder/, unet/, vae_decoder/ model.onnx files"
+        "--format",
+        choices=("onnx", "aoti"),
+        default="onnx",
+        help="onnx: text encoder, UNet and VAE decoder as ONNX (default); aoti: AOTInductor packages of the UNet and "
+        "VAE decoder plus the plan and pre-encoded prompts, for the C++ runtime (csrc/examples/service.cpp)",
     )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory receiving text_encoder/, unet/, vae_decoder/ model.onnx files (onnx) or the AOTI package",
+    )
+    p.add_argument(
+        "--prompt", action="append", help="aoti: a prompt to pre-encode (repeat for several; the service cycles them)"
+    )
+    p.add_argument("--negative-prompt", default="", help="aoti: the unconditional prompt (default empty)")
+    p.add_argument("--guidance", type=float, default=None, help="aoti: guidance scale (default: the model's)")
+    p.add_argument("--sampler", default=None, help="aoti: the plan's sampler (default: the model's)")
+    p.add_argument("--steps", type=int, default=8, help="aoti: the plan's steps (default 8)")
+    p.add_argument("--plan", default=None, help="aoti: a StepPlan file to ship instead of sampler/steps")
+    p.add_argument("--no-decoder", action="store_true", help="aoti: skip the VAE decoder package")
     p.add_argument("--batch", type=int, default=2, help="batch of the example inputs (axes stay dynamic; default 2)")
     p.add_argument(
         "--no-validate",
