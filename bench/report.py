@@ -6,6 +6,7 @@ Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log s
 gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) from the
 tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solvers on held-out
 samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PSNR) and
+<out>/runtime.md (loop overhead per step, Python executor vs the C++ runtime) and
 <out>/timings.md with every benchmark's timing statistics.
 """
 
@@ -225,6 +226,26 @@ def gate_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def runtime_table(benchmarks: list[dict]) -> str:
+    """Loop overhead per step: a row per latent size, a column per runtime, C++/Python ratios."""
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "runtime-loop-overhead"]
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    cell = {(r["latent"], r["runtime"]): r["overhead_per_step_us"] for r in rows}
+    ratios = [r for r in runtimes if r != "python"]
+    head = "| latent (batch 2, CFG) | " + " | ".join(f"{r} µs/step" for r in runtimes)
+    head += "".join(f" | {r} / python" for r in ratios) + " |"
+    lines = [head, "| --- " * (1 + len(runtimes) + len(ratios)) + "|"]
+    for latent in dict.fromkeys(r["latent"] for r in rows):
+        values = [cell.get((latent, r)) for r in runtimes]
+        line = f"| {latent} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in values)
+        base = cell.get((latent, "python"))
+        for r in ratios:
+            v = cell.get((latent, r))
+            line += " | —" if v is None or not base else f" | {v / base:.2f}×"
+        lines.append(line + " |")
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -293,6 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "gate_quality.md").write_text(text)
         gate_plot(rows, args.out / "gate_quality.png")
         print(f"wrote {args.out / 'gate_quality.md'} and {args.out / 'gate_quality.png'}")
+    if any(b.get("group") == "runtime-loop-overhead" for b in benchmarks):
+        text = (
+            "# Sampling-loop overhead: Python executor vs the C++ runtime\n\nPer step of a 20-step dpmpp_2m plan "
+            "with an identity model (bench/test_runtime_cpu.py): the fused step, bookkeeping and the model-call "
+            "crossing, the model's own time subtracted. cpp-callback calls a Python model from the C++ loop "
+            "(backend='cpp'); cpp-native has no Python at all (a C++ service). Medians, one run, side by side. "
+            f"Target: C++ ≤ 0.5× Python. Machine: {where}.\n\n{runtime_table(benchmarks)}\n"
+        )
+        (args.out / "runtime.md").write_text(text)
+        print(f"wrote {args.out / 'runtime.md'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

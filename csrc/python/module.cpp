@@ -163,6 +163,42 @@ py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::arra
   return out;
 }
 
+// The model returns its input (twice under guidance): a C++ denoiser of negligible cost, so that
+// a timed run measures the loop alone (bench/test_runtime_cpu.py).
+class IdentityDenoiser : public fastdiff::Denoiser {
+ public:
+  void forward(const fastdiff::DenoiserCall& call) override {
+    int64_t m = 1;
+    for (int64_t s : *call.sample_shape) m *= s;
+    const size_t n = static_cast<size_t>(call.n * m);
+    std::copy_n(call.x, n, call.out);
+    if (call.guided) std::copy_n(call.x, n, call.out + n);
+  }
+};
+
+py::array run_identity(const fastdiff::Sampler& sampler, py::array x_T_any, py::object guidance) {
+  auto x_T = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_T_any);
+  if (!x_T || x_T.ndim() < 2) throw py::value_error("Sampler.run_identity: x_T must be a float32 array [batch, ...]");
+  fastdiff::SampleRequest req;
+  req.x_T = x_T.data();
+  req.batch = x_T.shape(0);
+  req.sample_shape.assign(x_T.shape() + 1, x_T.shape() + x_T.ndim());
+  std::vector<float> w;
+  if (!guidance.is_none()) {
+    w.assign(static_cast<size_t>(req.batch), guidance.cast<float>());
+    req.guidance = w.data();
+  }
+  IdentityDenoiser model;
+  fastdiff::SampleResult r;
+  {
+    py::gil_scoped_release release;
+    r = sampler.run(model, req);
+  }
+  py::array_t<float> latents(std::vector<py::ssize_t>(x_T.shape(), x_T.shape() + x_T.ndim()));
+  std::copy(r.latents.begin(), r.latents.end(), latents.mutable_data());
+  return latents;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -211,7 +247,10 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &run_sampler, py::arg("fn"), py::arg("x_T"), py::arg("guidance") = py::none(),
            py::arg("gate") = py::none(), py::arg("callback") = py::none(),
            "Sample: fn(x, t, index) -> raw output ([uncond; cond] with guidance). Returns a dict with "
-           "latents, nfe, unet_calls, skipped. gate: dict(delta, max_skips, warmup, per_sample) or None.");
+           "latents, nfe, unet_calls, skipped. gate: dict(delta, max_skips, warmup, per_sample) or None.")
+      .def("run_identity", &run_identity, py::arg("x_T"), py::arg("guidance") = py::none(),
+           "Sample with a C++ model that returns its input (a float guidance scale or None): the loop's own "
+           "cost, with no Python in it. Returns the latents.");
 
   m.attr("PLAN_VERSION") = fastdiff::kPlanVersion;
   m.attr("PLAN_FORMAT") = fastdiff::kPlanFormat;

@@ -92,6 +92,7 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
   std::vector<float> out(gated ? bm : 0);       // each sample's last guided output (for skips)
   std::vector<float> xin, tin(static_cast<size_t>(batch));  // compacted inputs
   std::vector<float> stat(gated ? batch : 0);
+  std::vector<float> scratch_g(static_cast<size_t>(m)), scratch[2] = {std::vector<float>(m), std::vector<float>(m)};
   auto row = [&](int64_t r) { return basis.data() + static_cast<size_t>(r) * bm; };
 
   const float init = static_cast<float>(p.init_coef);
@@ -156,38 +157,49 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
       for (int64_t j = 0; j < p.width; ++j)
         if (p.src_at(k, i, j) >= 0) rt[i].terms.emplace_back(p.src_at(k, i, j), static_cast<float>(p.coef_at(k, i, j)));
     }
+    // Per sample, whole-vector loops (vectorised by the compiler; per element the same float
+    // operations in the same order as torch), into scratch rows, then stored: both rows are
+    // computed from the values before the call.
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t r = rows[b];
-      const float w = guided ? req.guidance[b] : 0.0f;
-      const float* u = r >= 0 ? raw.data() + r * m : nullptr;
-      const float* c = r >= 0 && guided ? raw.data() + (n + r) * m : nullptr;
-      float* o = gated ? out.data() + b * m : nullptr;
       const size_t off = static_cast<size_t>(b * m);
-      const float* xb = x + off;
-      float* d0 = rt[0].dst >= 0 ? row(rt[0].dst) + off : nullptr;
-      float* d1 = row(rt[1].dst) + off;
-      double acc = 0.0;
-      for (int64_t e = 0; e < m; ++e) {
-        float g;
-        if (r >= 0) {
-          g = guided ? u[e] + w * (c[e] - u[e]) : u[e];
-          if (o != nullptr) o[e] = g;
+      const float* g = nullptr;
+      if (r >= 0 && !guided && !gated) {
+        g = raw.data() + r * m;
+      } else if (r >= 0) {
+        const float* __restrict u = raw.data() + r * m;
+        float* __restrict gb = gated ? out.data() + off : scratch_g.data();
+        if (guided) {
+          const float* __restrict c = raw.data() + (n + r) * m;
+          const float w = req.guidance[b];
+          for (int64_t e = 0; e < m; ++e) gb[e] = u[e] + w * (c[e] - u[e]);
         } else {
-          g = o[e];
+          std::copy_n(u, m, gb);
         }
-        const float xe = xb[e];
-        float v[2] = {0.0f, 0.0f};
-        for (size_t i = 0; i < 2; ++i) {
-          if (rt[i].dst < 0) continue;
-          float value = rt[i].gcoef * g;
-          for (const auto& term : rt[i].terms) value = value + term.second * row(term.first)[off + e];
-          v[i] = value;
-        }
-        if (d0 != nullptr) d0[e] = v[0];
-        d1[e] = v[1];
-        if (gated) acc += std::fabs(v[1] - xe);
+        g = gb;
+      } else {
+        g = out.data() + off;  // skipped: the previous guided output
       }
-      if (gated) stat[b] = static_cast<float>(acc / static_cast<double>(m));
+      for (size_t i = 0; i < 2; ++i) {
+        if (rt[i].dst < 0) continue;
+        float* __restrict v = scratch[i].data();
+        const float gc = rt[i].gcoef;
+        for (int64_t e = 0; e < m; ++e) v[e] = gc * g[e];
+        for (const auto& term : rt[i].terms) {
+          const float* __restrict src = row(term.first) + off;
+          const float c = term.second;
+          for (int64_t e = 0; e < m; ++e) v[e] = v[e] + c * src[e];
+        }
+      }
+      if (gated) {
+        const float* __restrict xb = x + off;
+        const float* __restrict v1 = scratch[1].data();
+        double acc = 0.0;
+        for (int64_t e = 0; e < m; ++e) acc += std::fabs(v1[e] - xb[e]);
+        stat[b] = static_cast<float>(acc / static_cast<double>(m));
+      }
+      if (rt[0].dst >= 0) std::copy_n(scratch[0].data(), m, row(rt[0].dst) + off);
+      std::copy_n(scratch[1].data(), m, row(rt[1].dst) + off);
     }
 
     if (gated && k + 1 < steps) {
