@@ -63,7 +63,7 @@ def test_loop_overhead(benchmark, runtime, latent):
     else:
         sampler = sampler_for(plan)
         fn, args, kwargs = sampler.run_identity, (x_T.numpy(), 7.5), {}
-    rounds = 30 if latent.startswith("tiny") else 10
+    rounds = 50 if latent.startswith("tiny") else 30
     benchmark.group = "runtime-loop-overhead"
     benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, iterations=1, warmup_rounds=2)
     model_s = 0.0 if runtime == "cpp-native" else model_time(x_T)
