@@ -12,6 +12,7 @@ This build's C++ loop samples float32 latents on the CPU; the GPU path is not bu
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -22,6 +23,7 @@ from .plan import StepPlan
 
 _SAMPLERS: OrderedDict = OrderedDict()  # plan hash -> _C.Sampler (parsing a plan costs O(N^2))
 _MAX_SAMPLERS = 16
+_LOCK = threading.Lock()  # engines may sample from several threads
 
 
 def why_unavailable(device=None) -> str | None:
@@ -45,14 +47,16 @@ def sampler_for(plan: StepPlan):
     from . import _C
 
     key = plan.hash()
-    sampler = _SAMPLERS.get(key)
-    if sampler is None:
-        sampler = _C.Sampler(plan.dumps(program=True))
+    with _LOCK:
+        sampler = _SAMPLERS.get(key)
+        if sampler is not None:
+            _SAMPLERS.move_to_end(key)
+            return sampler
+    sampler = _C.Sampler(plan.dumps(program=True))  # outside the lock: compiling may take a while
+    with _LOCK:
         _SAMPLERS[key] = sampler
         while len(_SAMPLERS) > _MAX_SAMPLERS:
             _SAMPLERS.popitem(last=False)
-    else:
-        _SAMPLERS.move_to_end(key)
     return sampler
 
 
