@@ -6,11 +6,11 @@
 #include <pybind11/stl.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fastdiff/lincomb.h"
 #include "fastdiff/plan.h"
-#include "fastdiff/program.h"
 #include "fastdiff/sampler.h"
 
 namespace py = pybind11;
@@ -60,6 +60,8 @@ void lincomb_typed(py::array dst_any, const std::vector<py::array>& srcs_any, co
   fastdiff::lincomb<T>(out, ptrs.data(), coefs.data(), coefs.size(), static_cast<size_t>(dst_any.size()));
 }
 
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
 // A Python callable as the Denoiser: fn(x, t, index) -> raw output, x float32 [n, ...] and t
 // float32 [n] NumPy arrays viewing the sampler's buffers (valid during the call only), index an
 // int64 [n] array of sample positions or None for the whole batch. Any object NumPy can read as
@@ -85,7 +87,7 @@ class PyDenoiser : public fastdiff::Denoiser {
     std::vector<py::ssize_t> expect = shape;
     const int64_t rows = call.guided ? 2 * call.n : call.n;
     expect[0] = static_cast<py::ssize_t>(rows);
-    auto arr = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(result);
+    auto arr = FloatArray::ensure(result);
     if (!arr) {
       PyErr_Clear();
       throw py::value_error("returned " + std::string(py::str(py::type::of(result).attr("__name__"))) +
@@ -108,18 +110,37 @@ class PyDenoiser : public fastdiff::Denoiser {
   py::function fn_;
 };
 
-py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::array x_T_any, py::object guidance,
-                     py::object gate, py::object callback) {
-  auto x_T = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_T_any);
+// x_T as a float32 C-contiguous array (kept alive by the caller) and the request over it.
+fastdiff::SampleRequest request_for(const FloatArray& x_T, const char* method) {
   if (!x_T || x_T.ndim() < 2)
-    throw py::value_error("Sampler.run: x_T must be a float32 array [batch, ...] with at least 2 dimensions");
+    throw py::value_error(std::string(method) + ": x_T must be a float32 array [batch, ...] with at least 2 dimensions");
   fastdiff::SampleRequest req;
   req.x_T = x_T.data();
   req.batch = x_T.shape(0);
   req.sample_shape.assign(x_T.shape() + 1, x_T.shape() + x_T.ndim());
-  py::array_t<float, py::array::c_style | py::array::forcecast> w;
+  return req;
+}
+
+// Runs the sampler without the GIL; returns the latents as an array of x_T's shape.
+std::pair<py::array_t<float>, fastdiff::SampleResult> sample(const fastdiff::Sampler& sampler, fastdiff::Denoiser& model,
+                                                             const fastdiff::SampleRequest& req, const FloatArray& x_T) {
+  fastdiff::SampleResult r;
+  {
+    py::gil_scoped_release release;
+    r = sampler.run(model, req);
+  }
+  py::array_t<float> latents(std::vector<py::ssize_t>(x_T.shape(), x_T.shape() + x_T.ndim()));
+  std::copy(r.latents.begin(), r.latents.end(), latents.mutable_data());
+  return {latents, std::move(r)};
+}
+
+py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::array x_T_any, py::object guidance,
+                     py::object gate, py::object callback) {
+  const FloatArray x_T = FloatArray::ensure(x_T_any);
+  fastdiff::SampleRequest req = request_for(x_T, "Sampler.run");
+  FloatArray w;
   if (!guidance.is_none()) {
-    w = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(guidance);
+    w = FloatArray::ensure(guidance);
     if (!w || w.ndim() != 1 || w.shape(0) != req.batch)
       throw py::value_error("Sampler.run: guidance must be a float32 array of " + std::to_string(req.batch) +
                             " weights (one per sample) or None");
@@ -148,13 +169,7 @@ py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::arra
     };
   }
   PyDenoiser model(fn);
-  fastdiff::SampleResult r;
-  {
-    py::gil_scoped_release release;
-    r = sampler.run(model, req);
-  }
-  py::array_t<float> latents(std::vector<py::ssize_t>(x_T.shape(), x_T.shape() + x_T.ndim()));
-  std::copy(r.latents.begin(), r.latents.end(), latents.mutable_data());
+  auto [latents, r] = sample(sampler, model, req, x_T);
   py::dict out;
   out["latents"] = latents;
   out["nfe"] = r.nfe;
@@ -177,26 +192,15 @@ class IdentityDenoiser : public fastdiff::Denoiser {
 };
 
 py::array run_identity(const fastdiff::Sampler& sampler, py::array x_T_any, py::object guidance) {
-  auto x_T = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(x_T_any);
-  if (!x_T || x_T.ndim() < 2) throw py::value_error("Sampler.run_identity: x_T must be a float32 array [batch, ...]");
-  fastdiff::SampleRequest req;
-  req.x_T = x_T.data();
-  req.batch = x_T.shape(0);
-  req.sample_shape.assign(x_T.shape() + 1, x_T.shape() + x_T.ndim());
+  const FloatArray x_T = FloatArray::ensure(x_T_any);
+  fastdiff::SampleRequest req = request_for(x_T, "Sampler.run_identity");
   std::vector<float> w;
   if (!guidance.is_none()) {
     w.assign(static_cast<size_t>(req.batch), guidance.cast<float>());
     req.guidance = w.data();
   }
   IdentityDenoiser model;
-  fastdiff::SampleResult r;
-  {
-    py::gil_scoped_release release;
-    r = sampler.run(model, req);
-  }
-  py::array_t<float> latents(std::vector<py::ssize_t>(x_T.shape(), x_T.shape() + x_T.ndim()));
-  std::copy(r.latents.begin(), r.latents.end(), latents.mutable_data());
-  return latents;
+  return sample(sampler, model, req, x_T).first;
 }
 
 }  // namespace

@@ -28,12 +28,18 @@ const HostTensor& SafeTensors::at(const std::string& name) const {
   return it->second;
 }
 
-SafeTensors load_safetensors(const std::string& path) {
+bool read_file(const std::string& path, std::string& bytes) {
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw IoError("cannot open safetensors file '" + path + "'");
+  if (!in) return false;
   std::ostringstream buffer;
   buffer << in.rdbuf();
-  const std::string bytes = buffer.str();
+  bytes = buffer.str();
+  return true;
+}
+
+SafeTensors load_safetensors(const std::string& path) {
+  std::string bytes;
+  if (!read_file(path, bytes)) throw IoError("cannot open safetensors file '" + path + "'");
   auto bad = [&](const std::string& why) { return IoError("'" + path + "' is not a usable safetensors file: " + why); };
   if (bytes.size() < 8) throw bad("shorter than its 8-byte header length (truncated?)");
   uint64_t header_len = 0;

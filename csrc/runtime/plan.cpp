@@ -2,10 +2,10 @@
 // tests/test_plan_cpp.py feeds both the same files and compares code and message.
 #include "fastdiff/plan.h"
 
+#include "fastdiff/io.h"
 #include "fastdiff/program.h"
 
 #include <cmath>
-#include <fstream>
 #include <sstream>
 
 #include "json.h"
@@ -243,11 +243,9 @@ StepPlan parse_plan(const std::string& text) {
 }
 
 StepPlan load_plan(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw PlanError("io", "cannot open plan file '" + path + "'");
-  std::ostringstream buffer;
-  buffer << in.rdbuf();
-  return parse_plan(buffer.str());
+  std::string text;
+  if (!read_file(path, text)) throw PlanError("io", "cannot open plan file '" + path + "'");
+  return parse_plan(text);
 }
 
 }  // namespace fastdiff

@@ -17,12 +17,6 @@
 namespace fastdiff {
 namespace {
 
-struct RowTerms {
-  int32_t dst = -1;
-  float gcoef = 0.0f;
-  std::vector<std::pair<int32_t, float>> terms;  // (source row, coefficient)
-};
-
 // The gate's state (fastdiff.gate.AdaptiveGate after start()), one entry per decision group.
 struct GateState {
   GateOptions opt;
@@ -74,6 +68,17 @@ void check_request(const SampleRequest& r) {
 Sampler::Sampler(StepPlan plan) : plan_(std::move(plan)) {
   plan_.validate();
   program_ = program_for(plan_);
+  const Program& p = *program_;
+  rows_.resize(p.num_steps());
+  for (size_t k = 0; k < p.num_steps(); ++k)
+    for (size_t i = 0; i < 2; ++i) {
+      RowTerms& rt = rows_[k][i];
+      rt.dst = p.dst_at(k, i);
+      if (rt.dst < 0) continue;
+      rt.gcoef = static_cast<float>(p.gcoef_at(k, i));
+      for (int64_t j = 0; j < p.width; ++j)
+        if (p.src_at(k, i, j) >= 0) rt.terms.emplace_back(p.src_at(k, i, j), static_cast<float>(p.coef_at(k, i, j)));
+    }
 }
 
 SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
@@ -148,18 +153,10 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
         ++result.nfe[b];
     }
 
-    // The fused step: both rows from the values before the call, element by element.
-    RowTerms rt[2];
-    for (size_t i = 0; i < 2; ++i) {
-      rt[i].dst = p.dst_at(k, i);
-      if (rt[i].dst < 0) continue;
-      rt[i].gcoef = static_cast<float>(p.gcoef_at(k, i));
-      for (int64_t j = 0; j < p.width; ++j)
-        if (p.src_at(k, i, j) >= 0) rt[i].terms.emplace_back(p.src_at(k, i, j), static_cast<float>(p.coef_at(k, i, j)));
-    }
-    // Per sample, whole-vector loops (vectorised by the compiler; per element the same float
+    // The fused step. Per sample, whole-vector loops (vectorised by the compiler; per element the same float
     // operations in the same order as torch), into scratch rows, then stored: both rows are
     // computed from the values before the call.
+    const auto& rt = rows_[k];
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t r = rows[b];
       const size_t off = static_cast<size_t>(b * m);

@@ -3,8 +3,6 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/headeronly/version.h>
 
-#include <fstream>
-#include <sstream>
 
 #include "../runtime/json.h"
 
@@ -12,11 +10,9 @@ namespace fastdiff {
 namespace {
 
 std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw PackageError("cannot open '" + path + "'");
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
+  std::string text;
+  if (!read_file(path, text)) throw PackageError("cannot open '" + path + "'");
+  return text;
 }
 
 const json::Value& field(const json::Value& doc, const std::string& key, json::Value::Kind kind,

@@ -29,6 +29,10 @@ struct SafeTensors {
   const HostTensor& at(const std::string& name) const;
 };
 
+// Reads a whole file into `bytes`; false when it cannot be opened (callers name the file in their
+// own error type).
+bool read_file(const std::string& path, std::string& bytes);
+
 // Reads a .safetensors file of F32 tensors. Throws IoError for unreadable, truncated or
 // malformed files and for other dtypes (naming the tensor and the dtype).
 SafeTensors load_safetensors(const std::string& path);

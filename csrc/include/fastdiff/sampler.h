@@ -6,11 +6,13 @@
 // Python executor's latents (tests/test_cpp_runtime.py holds them together).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fastdiff/plan.h"
@@ -72,6 +74,13 @@ struct SampleResult {
   std::vector<std::vector<int>> skipped;   // per sample, the calls that were skipped
 };
 
+// One row a call writes: dst = gcoef·g + Σ coef·basis[src] (float32, from the program).
+struct RowTerms {
+  int32_t dst = -1;
+  float gcoef = 0.0f;
+  std::vector<std::pair<int32_t, float>> terms;  // (source row, coefficient)
+};
+
 class Sampler {
  public:
   // Uses the plan's own program when its file carried one, else the dense program.
@@ -87,6 +96,7 @@ class Sampler {
  private:
   StepPlan plan_;
   std::shared_ptr<const Program> program_;
+  std::vector<std::array<RowTerms, 2>> rows_;  // per call: the output row and the next-input row
 };
 
 }  // namespace fastdiff
