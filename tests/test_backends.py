@@ -336,3 +336,11 @@ def test_captured_loop_has_no_host_sync_on_the_gpu():
     with cuda_syncs_raise():
         latents = engine._graphed_loop(plan, denoiser, x_T)
     assert torch.isfinite(latents).all()
+
+
+def test_cli_offers_every_backend():
+    from fastdiff.cli import build_parser
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    choices = next(a.choices for a in sample._actions if a.dest == "backend")
+    assert tuple(choices) == backends.CHOICES

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .export import _UNet  # unet(sample, timestep, cond) -> raw output, the ONNX export's wrapper
 from .plan import StepPlan
 
 PACKAGE_FORMAT = "fastdiff.aoti"
@@ -34,15 +35,6 @@ PACKAGE_VERSION = 1
 
 class AOTIExportError(RuntimeError):
     """An AOTInductor package could not be built (or does not reproduce the module)."""
-
-
-class _UNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, encoder_hidden_states):
-        return self.unet(x, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
 class _VaeDecode(torch.nn.Module):
@@ -79,7 +71,7 @@ def _compile(module: torch.nn.Module, example: tuple, path: Path, metadata: dict
     batch = torch.export.Dim.DYNAMIC
     with torch.no_grad(), _size_oblivious():
         ep = torch.export.export(module, example, dynamic_shapes=tuple({0: batch} for _ in example))
-    ranges = [r for r in ep.range_constraints.values()]
+    ranges = list(ep.range_constraints.values())
     lo = max([int(r.lower) for r in ranges] + [1])
     hi = min([int(r.upper) for r in ranges if r.upper != float("inf") and str(r.upper) != "int_oo"] + [2**31 - 1])
     configs = {"aot_inductor.metadata": {f"fastdiff.{k}": str(v) for k, v in metadata.items()}}
@@ -97,6 +89,16 @@ def _check(path: Path, module: torch.nn.Module, example: tuple, name: str, toler
     if not err <= tolerance:
         raise AOTIExportError(f"{name}: the AOTInductor package differs from torch by {err:.2e} (relative)")
     return err
+
+
+def _package(name: str, module: torch.nn.Module, example: tuple, out: Path, meta: dict, log) -> dict:
+    """Compile `module` to out/<name>.pt2, check it at batch 1; returns its manifest entry."""
+    start = time.perf_counter()
+    path = out / f"{name}.pt2"
+    lo, hi = _compile(module, example, path, {**meta, "module": name})
+    err = _check(path, module, tuple(x[:1] for x in example), name, 1e-4)
+    log(f"{path.name}: batch {lo}..{hi}, AOTI vs torch {err:.1e} relative, {time.perf_counter() - start:.0f} s")
+    return {"file": path.name, "min_batch": lo, "max_batch": hi, "max_rel_error": err}
 
 
 def export_aoti(
@@ -161,21 +163,13 @@ def export_aoti(
         "plan_hash": plan.hash(),
         "prompts": {"file": "prompts.safetensors", "texts": list(prompts), "guidance_scale": guidance},
     }
-    unet = _UNet(engine.unet).eval()
-    start = time.perf_counter()
-    lo, hi = _compile(unet, (x, t, c), out / "unet.pt2", {**meta, "module": "unet"})
-    err = _check(out / "unet.pt2", unet, (x[:1], t[:1], c[:1]), "unet", 1e-4)
-    manifest["unet"] = {"file": "unet.pt2", "min_batch": lo, "max_batch": hi, "max_rel_error": err}
-    log(f"unet.pt2: batch {lo}..{hi}, AOTI vs torch {err:.1e} relative, {time.perf_counter() - start:.0f} s")
+    unet = _UNet(engine.unet, "encoder_hidden_states").eval()
+    manifest["unet"] = _package("unet", unet, (x, t, c), out, meta, log)
     manifest["vae"] = None
     if decoder:
         vae = _VaeDecode(engine.decoder.vae).eval()
-        start = time.perf_counter()
-        lo, hi = _compile(vae, (x,), out / "vae.pt2", {**meta, "module": "vae"})
-        err = _check(out / "vae.pt2", vae, (x[:1],), "vae", 1e-4)
-        manifest["vae"] = {"file": "vae.pt2", "min_batch": lo, "max_batch": hi, "max_rel_error": err}
+        manifest["vae"] = _package("vae", vae, (x,), out, meta, log)
         manifest["image_shape"] = [3, size * engine.decoder.factor, size * engine.decoder.factor]
-        log(f"vae.pt2: batch {lo}..{hi}, AOTI vs torch {err:.1e} relative, {time.perf_counter() - start:.0f} s")
     path = out / "package.json"
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     return path

@@ -296,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
     p.add_argument(
         "--backend",
-        choices=("auto", "eager", "cuda_graph", "compiled", "cpp"),
+        choices=("auto", "eager", "cuda_graph", "compiled", "cpp"),  # = backends.CHOICES (no torch import for --help)
         default="auto",
         help="how the UNet, text encoder and VAE run: eager; cuda_graph (captured CUDA graphs, GPU only); "
         "compiled (torch.compile, plus CUDA graphs on a GPU; the first call per size compiles, cached on disk); "
