@@ -43,3 +43,18 @@ print("ok", out.shape)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
+
+
+def test_info_reports_nvcc(tmp_path):
+    from fastdiff.info import _nvcc
+
+    missing = _nvcc(which=lambda name: None)
+    assert not missing.available and "not on PATH" in missing.detail
+    fake = tmp_path / "nvcc"
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    fake.chmod(0o755)
+    found = _nvcc(which=lambda name: str(fake))
+    assert found.available and "CUDA 12.4" in found.detail, found
+    fake.write_text("#!/bin/sh\necho nonsense\n")
+    broken = _nvcc(which=lambda name: str(fake))
+    assert not broken.available and "no release number" in broken.detail

@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "fastdiff/program.h"
+#include "fastdiff/step_math.h"
 
 namespace fastdiff {
 namespace {
@@ -32,15 +33,8 @@ struct GateState {
     ++calls;
     const float threshold_scale = static_cast<float>(2.0 * opt.delta);
     std::vector<char> skip(d.size(), 0);
-    for (size_t g = 0; g < d.size(); ++g) {
-      if (active) {
-        const float third = std::fabs((d[g] - 2.0f * d1[g]) + d2[g]);
-        skip[g] = third <= threshold_scale * d1[g] && run[g] < opt.max_skips;
-      }
-      d2[g] = d1[g];
-      d1[g] = d[g];
-      run[g] = skip[g] ? run[g] + 1 : 0;
-    }
+    for (size_t g = 0; g < d.size(); ++g)
+      skip[g] = fd_gate_observe(d[g], d1[g], d2[g], run[g], active, threshold_scale, opt.max_skips);
     return skip;
   }
 };
@@ -169,7 +163,7 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
         if (guided) {
           const float* __restrict c = raw.data() + (n + r) * m;
           const float w = req.guidance[b];
-          for (int64_t e = 0; e < m; ++e) gb[e] = u[e] + w * (c[e] - u[e]);
+          for (int64_t e = 0; e < m; ++e) gb[e] = fd_guide(u[e], c[e], w);
         } else {
           std::copy_n(u, m, gb);
         }
@@ -181,11 +175,11 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
         if (rt[i].dst < 0) continue;
         float* __restrict v = scratch[i].data();
         const float gc = rt[i].gcoef;
-        for (int64_t e = 0; e < m; ++e) v[e] = gc * g[e];
+        for (int64_t e = 0; e < m; ++e) v[e] = fd_mul(gc, g[e]);
         for (const auto& term : rt[i].terms) {
           const float* __restrict src = row(term.first) + off;
           const float c = term.second;
-          for (int64_t e = 0; e < m; ++e) v[e] = v[e] + c * src[e];
+          for (int64_t e = 0; e < m; ++e) v[e] = fd_axpy(v[e], c, src[e]);
         }
       }
       if (gated) {

@@ -15,6 +15,9 @@
 
 namespace {
 
+using fastdiff_test::max_rel;
+using fastdiff_test::noise;
+
 // raw = A·x·(t/1000) per channel pair, cond = 0.9·raw + 0.01: a linear model with some mixing.
 class LinearDenoiser : public fastdiff::Denoiser {
  public:
@@ -42,25 +45,6 @@ class LinearDenoiser : public fastdiff::Denoiser {
     }
   }
 };
-
-std::vector<float> noise(size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  unsigned s = seed;
-  for (auto& x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>((s >> 8) & 0xffff) / 32768.0f - 1.0f;
-  }
-  return v;
-}
-
-double max_rel(const std::vector<float>& a, const std::vector<float>& b) {
-  double err = 0.0, scale = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
-    scale = std::max(scale, std::fabs(static_cast<double>(a[i])));
-  }
-  return err / std::max(scale, 1e-30);
-}
 
 template <typename F>
 std::string plan_error_code(F&& f) {

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib
 import platform
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
 
 
@@ -66,6 +69,27 @@ def _nvml() -> Feature:
     return Feature("NVML (power/clock readings)", True, f"{count} device(s)")
 
 
+def _nvcc(which=shutil.which) -> Feature:
+    """The CUDA compiler that CMake builds the C++ CUDA runner (csrc/cuda) with."""
+    label = "nvcc (C++ CUDA runner, CMake)"
+    path = which("nvcc")
+    if path is None:
+        return Feature(label, False, "nvcc is not on PATH: CMake builds the CPU runtime only")
+    try:
+        text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        return Feature(label, False, f"{path} does not run: {exc}")
+    found = re.search(r"release ([0-9.]+)", text)
+    if found is None:
+        return Feature(label, False, f"{path} --version printed no release number")
+    return Feature(
+        label,
+        True,
+        f"CUDA {found.group(1)} at {path}: `cmake -S . -B build` builds fastdiff_cuda, its tests and"
+        " fastdiff_bench_cuda (they run where a CUDA device is)",
+    )
+
+
 def _models() -> list[Feature]:
     from .models.registry import _sd21_local, engines_dir
     from .models.tokenizer import open_clip_bpe_path
@@ -107,6 +131,7 @@ def features() -> list[Feature]:
         _module("onnxruntime (export validation)", "onnxruntime", "pip install onnxruntime"),
         _module("TensorRT", "tensorrt", "not installed; NVIDIA's wheels download from outside PyPI"),
         _nvml(),
+        _nvcc(),
         _module("diffusers (engines, interop)", "diffusers", "pip install diffusers"),
         _module("transformers (text encoders)", "transformers", "pip install transformers"),
         *_models(),

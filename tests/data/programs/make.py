@@ -1,4 +1,5 @@
-"""Writes the plan files with compiled programs that csrc/tests/test_sampler.cpp reads.
+"""Writes the plan files with compiled programs that csrc/tests/test_sampler.cpp and
+csrc/tests/test_cuda_sampler.cu read.
 
 Run from the repository root: python tests/data/programs/make.py (the outputs are committed).
 """
@@ -16,6 +17,8 @@ def main() -> None:
     schedule = DiscreteSchedule.from_config(PRESETS["sd21"])
     plan = solvers.build_variant("unipc", schedule, 6)
     plan.save(HERE / "unipc_6.json", program=True)
+    # a longer plan for the CUDA runner's tests (enough calls for the gate to skip some)
+    solvers.build_variant("dpmpp_2m", schedule, 20).save(HERE / "dpmpp_2m_20.json", program=True)
     doc = json.loads(plan.dumps(program=True))
     # bad: one coefficient of the program changed (the program no longer computes the plan)
     bad = json.loads(json.dumps(doc))

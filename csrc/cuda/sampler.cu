@@ -1,0 +1,594 @@
+// The CUDA twin of csrc/runtime/sampler.cpp (see fastdiff/cuda_sampler.h for the modes).
+//
+// Per call k: [model call k] -> step_kernel (guidance, the program's two rows, the per-block
+// partial sums of the gate statistic) -> decide_kernel (the gate's decision for call k+1, written
+// to device memory and, inside one graph, to call k+1's conditional handle).
+// The per-element arithmetic is fastdiff/step_math.h, the same code the CPU loop runs, so given
+// the same model outputs the latents are bit-identical to the CPU sampler's; the statistic's sum
+// runs in double in a different order (a tree per block), which can change a decision only when
+// the float-rounded statistic lands exactly on a rounding boundary.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <exception>
+#include <string>
+#include <utility>
+
+#include "fastdiff/cuda_sampler.h"
+#include "fastdiff/program.h"
+#include "fastdiff/step_math.h"
+
+namespace fastdiff {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxBlocksPerSample = 128;
+
+void check(cudaError_t err, const std::string& what) {
+  if (err != cudaSuccess)
+    throw SamplerError("CUDA error in " + what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+}
+
+// The gate's state on the device (one decision group: the batch).
+struct GateDev {
+  float d1;
+  float d2;
+  int run;
+  int calls;
+};
+
+// Device pointers and sizes the kernels share.
+struct View {
+  float* basis;         // [num_rows, batch*m]
+  const float* raw;     // [(guided ? 2 : 1) * batch, m]
+  float* gout;          // [batch, m] last guided output (gated only)
+  const float* w;       // [batch] guidance weights
+  const int* dst;       // [N*2]
+  const float* gcoef;   // [N*2]
+  const int* src;       // [N*2*width]
+  const float* coef;    // [N*2*width]
+  int* skip;            // [N] 1: call k skipped
+  int* status;          // first call with non-finite guided output, or -1
+  double* partial;      // [batch, blocks] gate statistic partial sums
+  GateDev* gate;
+  int64_t m;
+  int64_t bm;
+  int width;
+  int blocks;
+  int steps;
+  bool guided;
+  bool gated;
+};
+
+__global__ void init_kernel(View v, const float* __restrict__ x_T, int init_row, float init_coef) {
+  float* row = v.basis + static_cast<int64_t>(init_row) * v.bm;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < v.bm;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    row[i] = fd_mul(x_T[i], init_coef);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    for (int k = 0; k < v.steps; ++k) v.skip[k] = 0;
+    *v.status = -1;
+    *v.gate = GateDev{0.0f, 0.0f, 0, 1};  // call 0 is always made
+  }
+}
+
+// grid (blocks, batch): sample b = blockIdx.y, its elements strided over the blocks.
+__global__ void step_kernel(View v, int k, int x_row) {
+  __shared__ double red[kThreads];
+  const int64_t b = blockIdx.y;
+  const bool skipped = v.gated && v.skip[k] != 0;
+  const int dst0 = v.dst[k * 2], dst1 = v.dst[k * 2 + 1];
+  const float gc0 = v.gcoef[k * 2], gc1 = v.gcoef[k * 2 + 1];
+  const int* src0 = v.src + static_cast<int64_t>(k * 2) * v.width;
+  const int* src1 = src0 + v.width;
+  const float* coef0 = v.coef + static_cast<int64_t>(k * 2) * v.width;
+  const float* coef1 = coef0 + v.width;
+  const float wb = v.guided ? v.w[b] : 0.0f;
+  double local = 0.0;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < v.m;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t off = b * v.m + e;
+    float g;
+    if (skipped) {
+      g = v.gout[off];  // the previous guided output
+    } else {
+      const float u = v.raw[off];
+      g = v.guided ? fd_guide(u, v.raw[v.bm + off], wb) : u;
+      if (v.gated) v.gout[off] = g;
+      if (!isfinite(g)) atomicCAS(v.status, -1, k);
+    }
+    // Both rows from the values before this call (each element is read, then written, by one thread).
+    float r0 = 0.0f;
+    if (dst0 >= 0) {
+      r0 = fd_mul(gc0, g);
+      for (int j = 0; j < v.width; ++j)
+        if (src0[j] >= 0) r0 = fd_axpy(r0, coef0[j], v.basis[src0[j] * v.bm + off]);
+    }
+    float r1 = fd_mul(gc1, g);
+    for (int j = 0; j < v.width; ++j)
+      if (src1[j] >= 0) r1 = fd_axpy(r1, coef1[j], v.basis[src1[j] * v.bm + off]);
+    if (v.gated) local += static_cast<double>(fabsf(fd_sub(r1, v.basis[x_row * v.bm + off])));
+    if (dst0 >= 0) v.basis[dst0 * v.bm + off] = r0;
+    v.basis[dst1 * v.bm + off] = r1;
+  }
+  if (!v.gated) return;
+  red[threadIdx.x] = local;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) v.partial[b * v.blocks + blockIdx.x] = red[0];
+}
+
+// One thread: the batch statistic (per-sample means in double, rounded to float, then their
+// mean, as the CPU sampler with per_sample = false), the gate's decision for call k+1.
+__global__ void decide_kernel(View v, int k, int64_t batch, float threshold_scale, int max_skips, int warmup,
+                              cudaGraphConditionalHandle next, int set_conditional) {
+  double mean = 0.0;
+  for (int64_t b = 0; b < batch; ++b) {
+    double acc = 0.0;
+    for (int i = 0; i < v.blocks; ++i) acc += v.partial[b * v.blocks + i];
+    mean += static_cast<double>(static_cast<float>(acc / static_cast<double>(v.m)));
+  }
+  const float d = static_cast<float>(mean / static_cast<double>(batch));
+  GateDev& g = *v.gate;
+  const bool active = g.calls >= max(3, warmup);
+  ++g.calls;
+  const bool skip = fd_gate_observe(d, g.d1, g.d2, g.run, active, threshold_scale, max_skips);
+  v.skip[k + 1] = skip ? 1 : 0;
+  if (set_conditional) cudaGraphSetConditional(next, skip ? 0u : 1u);
+}
+
+template <typename T>
+T* device_alloc(std::vector<void*>& owned, size_t count, const char* what) {
+  void* p = nullptr;
+  check(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), std::string("cudaMalloc (") + what + ")");
+  owned.push_back(p);
+  check(cudaMemset(p, 0, std::max<size_t>(count, 1) * sizeof(T)), std::string("cudaMemset (") + what + ")");
+  return static_cast<T*>(p);
+}
+
+void validate(const RunnerOptions& o) {
+  if (o.batch < 1 || o.batch > 65535)
+    throw SamplerError("cuda runner: batch must be in 1..65535, got " + std::to_string(o.batch));
+  if (o.sample_shape.empty()) throw SamplerError("cuda runner: sample_shape is empty (expected e.g. {4, 64, 64})");
+  for (int64_t s : o.sample_shape)
+    if (s < 1) throw SamplerError("cuda runner: sample_shape has a non-positive dimension " + std::to_string(s));
+  if (o.gated) {
+    if (o.gate.per_sample)
+      throw SamplerError(
+          "cuda runner: the gate decides per batch on the GPU (GateOptions::per_sample must be false): a captured "
+          "graph has fixed shapes and cannot compact the batch to the samples that still need a call; use "
+          "per_sample=false, or the CPU Sampler for per-sample skipping");
+    if (!(o.gate.delta >= 0.0) || !std::isfinite(o.gate.delta))
+      throw SamplerError("cuda runner: gate delta must be a finite number >= 0, got " + std::to_string(o.gate.delta));
+    if (o.gate.max_skips < 0 || o.gate.warmup < 0)
+      throw SamplerError("cuda runner: gate max_skips and warmup must be >= 0");
+  }
+}
+
+// Ends a capture that an exception interrupted. The partial graph is destroyed when the capture
+// owns it (own_graph); a conditional node's body belongs to the node, so it is left to the
+// outer graph, which the outer abort destroys.
+void abort_capture(cudaStream_t stream, bool own_graph) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) == cudaSuccess && status != cudaStreamCaptureStatusNone) {
+    cudaGraph_t g = nullptr;
+    cudaStreamEndCapture(stream, &g);
+    if (own_graph && g != nullptr) cudaGraphDestroy(g);
+  }
+  cudaGetLastError();  // clear the error the interrupted capture left
+}
+
+// Raised inside a one-graph capture when conditional nodes turn out not to work here.
+struct NoConditionalNodes : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+}  // namespace
+
+const char* mode_name(Mode mode) {
+  switch (mode) {
+    case Mode::kAuto: return "auto";
+    case Mode::kEager: return "eager";
+    case Mode::kStepGraphs: return "step_graphs";
+    case Mode::kOneGraph: return "one_graph";
+  }
+  return "?";
+}
+
+Mode parse_mode(const std::string& name) {
+  for (Mode m : {Mode::kAuto, Mode::kEager, Mode::kStepGraphs, Mode::kOneGraph})
+    if (name == mode_name(m)) return m;
+  throw SamplerError("unknown CUDA runner mode '" + name + "' (expected auto, eager, step_graphs or one_graph)");
+}
+
+Capabilities capabilities() {
+  Capabilities c;
+  cudaRuntimeGetVersion(&c.runtime_version);
+  if (cudaDriverGetVersion(&c.driver_version) != cudaSuccess) c.driver_version = 0;
+  const cudaError_t err = cudaGetDeviceCount(&c.device_count);
+  if (err != cudaSuccess) {
+    c.device_count = 0;
+    c.reason = std::string("no CUDA device: cudaGetDeviceCount: ") + cudaGetErrorString(err);
+    cudaGetLastError();
+  } else if (c.device_count == 0) {
+    c.reason = "no CUDA device";
+  }
+  auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); };
+  if (c.device_count > 0) {
+    if (c.runtime_version < 12040)
+      c.reason = "conditional graph nodes need a CUDA runtime >= 12.4 (this build: " + ver(c.runtime_version) + ")";
+    else if (c.driver_version < 12040)
+      c.reason = "conditional graph nodes need a CUDA driver >= 12.4 (this driver: " + ver(c.driver_version) + ")";
+    else
+      c.conditional_nodes = true;
+  }
+  return c;
+}
+
+struct CudaRunner::Impl {
+  StepPlan plan;
+  std::shared_ptr<const Program> program;
+  DeviceDenoiser& model;
+  RunnerOptions opt;
+  Mode mode = Mode::kEager;
+  std::string note;
+  int64_t m = 1;
+  int steps = 0;
+  std::vector<void*> owned;   // device allocations
+  std::vector<void*> pinned;  // host allocations
+  cudaStream_t stream = nullptr;
+  cudaStream_t side = nullptr;  // captures conditional bodies
+  View v{};
+  float* x_T = nullptr;
+  float* raw = nullptr;
+  float* w = nullptr;
+  float* times = nullptr;  // [N, batch]
+  int* h_skip = nullptr;
+  int* h_status = nullptr;
+  float* h_w = nullptr;
+  std::vector<cudaGraphExec_t> model_exec, step_exec;
+  cudaGraphExec_t whole = nullptr;
+  bool captured = false;
+
+  Impl(const StepPlan& p, DeviceDenoiser& md, RunnerOptions o) : plan(p), model(md), opt(std::move(o)) {}
+
+  ~Impl() {
+    for (auto e : model_exec) cudaGraphExecDestroy(e);
+    for (auto e : step_exec) cudaGraphExecDestroy(e);
+    if (whole != nullptr) cudaGraphExecDestroy(whole);
+    for (void* q : owned) cudaFree(q);
+    for (void* q : pinned) cudaFreeHost(q);
+    if (side != nullptr) cudaStreamDestroy(side);
+    if (stream != nullptr) cudaStreamDestroy(stream);
+  }
+
+  template <typename T>
+  T* host_alloc(size_t count, const char* what) {
+    void* q = nullptr;
+    check(cudaMallocHost(&q, std::max<size_t>(count, 1) * sizeof(T)), std::string("cudaMallocHost (") + what + ")");
+    pinned.push_back(q);
+    return static_cast<T*>(q);
+  }
+
+  void model_call(int k, cudaStream_t s) {
+    DeviceCall call;
+    call.step = k;
+    call.n = opt.batch;
+    call.sample_shape = &opt.sample_shape;
+    call.x = v.basis + static_cast<int64_t>(program->x_row[k]) * v.bm;
+    call.t = times + static_cast<int64_t>(k) * opt.batch;
+    call.guided = opt.guided;
+    call.out = raw;
+    call.stream = s;
+    try {
+      model.forward(call);
+    } catch (const std::exception& e) {
+      throw SamplerError("model call " + std::to_string(k) + " (t=" + std::to_string(plan.times[k]) + ", " +
+                         std::to_string(opt.batch) + " samples) failed: " + e.what());
+    }
+    check(cudaGetLastError(), "model call " + std::to_string(k));
+  }
+
+  void launch_init(cudaStream_t s) {
+    const int grid = static_cast<int>(std::min<int64_t>((v.bm + kThreads - 1) / kThreads, 1024));
+    init_kernel<<<grid, kThreads, 0, s>>>(v, x_T, static_cast<int>(program->init_row),
+                                          static_cast<float>(program->init_coef));
+    check(cudaGetLastError(), "init_kernel");
+  }
+
+  // The fused step of call k and, with the gate, the decision for call k+1.
+  void launch_step(int k, cudaStream_t s, cudaGraphConditionalHandle next, bool set_conditional) {
+    step_kernel<<<dim3(v.blocks, static_cast<unsigned>(opt.batch)), kThreads, 0, s>>>(v, k, program->x_row[k]);
+    check(cudaGetLastError(), "step_kernel (call " + std::to_string(k) + ")");
+    if (opt.gated && k + 1 < steps) {
+      decide_kernel<<<1, 1, 0, s>>>(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta), opt.gate.max_skips,
+                                    opt.gate.warmup, next, set_conditional ? 1 : 0);
+      check(cudaGetLastError(), "decide_kernel (call " + std::to_string(k) + ")");
+    }
+  }
+
+  template <typename F>
+  cudaGraphExec_t capture(cudaStream_t s, const std::string& what, F&& body) {
+    check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture (" + what + ")");
+    cudaGraph_t graph = nullptr;
+    try {
+      body();
+      check(cudaStreamEndCapture(s, &graph), "cudaStreamEndCapture (" + what + ")");
+    } catch (...) {
+      abort_capture(side, false);
+      abort_capture(s, true);
+      throw;
+    }
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    check(err, "cudaGraphInstantiate (" + what + ")");
+    return exec;
+  }
+
+  void capture_step_graphs() {
+    for (int k = 0; k < steps; ++k) {
+      model_exec.push_back(capture(stream, "model call " + std::to_string(k), [&] { model_call(k, stream); }));
+      step_exec.push_back(capture(stream, "step " + std::to_string(k), [&] { launch_step(k, stream, 0, false); }));
+    }
+  }
+
+  // Adds an IF node on `handle` at the capture point of `stream` and captures model call k into
+  // its body on the side stream.
+  void conditional_model_call(int k, cudaGraphConditionalHandle handle) {
+    cudaStreamCaptureStatus status;
+    cudaGraph_t graph = nullptr;
+    const cudaGraphNode_t* deps = nullptr;
+    size_t ndeps = 0;
+    check(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, &deps, nullptr, &ndeps),
+          "cudaStreamGetCaptureInfo");
+    cudaGraphNodeParams params = {};
+    params.type = cudaGraphNodeTypeConditional;
+    params.conditional.handle = handle;
+    params.conditional.type = cudaGraphCondTypeIf;
+    params.conditional.size = 1;
+    cudaGraphNode_t node = nullptr;
+    const cudaError_t err = cudaGraphAddNode(&node, graph, deps, nullptr, ndeps, &params);
+    if (err != cudaSuccess)
+      throw NoConditionalNodes(std::string("cudaGraphAddNode(conditional IF): ") + cudaGetErrorString(err));
+    check(cudaStreamUpdateCaptureDependencies(stream, &node, nullptr, 1, cudaStreamSetCaptureDependencies),
+          "cudaStreamUpdateCaptureDependencies");
+    cudaGraph_t body = params.conditional.phGraph_out[0];
+    check(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeThreadLocal),
+          "cudaStreamBeginCaptureToGraph (model call " + std::to_string(k) + ")");
+    model_call(k, side);
+    check(cudaStreamEndCapture(side, &body), "cudaStreamEndCapture (model call " + std::to_string(k) + ")");
+  }
+
+  void capture_one_graph() {
+    whole = capture(stream, "one graph", [&] {
+      std::vector<cudaGraphConditionalHandle> handles(steps, 0);
+      if (opt.gated) {
+        cudaStreamCaptureStatus status;
+        cudaGraph_t graph = nullptr;
+        check(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, nullptr, nullptr, nullptr),
+              "cudaStreamGetCaptureInfo");
+        for (int k = 1; k < steps; ++k) {
+          const cudaError_t err = cudaGraphConditionalHandleCreate(&handles[k], graph, 1, cudaGraphCondAssignDefault);
+          if (err != cudaSuccess)
+            throw NoConditionalNodes(std::string("cudaGraphConditionalHandleCreate: ") + cudaGetErrorString(err));
+        }
+      }
+      launch_init(stream);
+      for (int k = 0; k < steps; ++k) {
+        if (opt.gated && k > 0)
+          conditional_model_call(k, handles[k]);
+        else
+          model_call(k, stream);
+        launch_step(k, stream, k + 1 < steps ? handles[k + 1] : 0, opt.gated);
+      }
+    });
+  }
+
+  void ensure_captured() {
+    if (captured || mode == Mode::kEager) return;
+    if (mode == Mode::kOneGraph) {
+      try {
+        capture_one_graph();
+      } catch (const NoConditionalNodes& e) {
+        mode = Mode::kStepGraphs;
+        note = std::string("one_graph -> step_graphs (host-flag fallback): ") + e.what();
+      }
+    }
+    if (mode == Mode::kStepGraphs) {
+      try {
+        capture_step_graphs();
+      } catch (...) {  // a model call failed while captured: drop the graphs made so far
+        for (auto e : model_exec) cudaGraphExecDestroy(e);
+        for (auto e : step_exec) cudaGraphExecDestroy(e);
+        model_exec.clear();
+        step_exec.clear();
+        throw;
+      }
+    }
+    captured = true;
+  }
+
+  // With the gate, the host learns whether call k runs (host-flag modes only).
+  bool host_skip(int k, RunResult& r) {
+    if (!opt.gated || k == 0) return false;
+    ++r.host_syncs;
+    check(cudaMemcpyAsync(h_skip + k, v.skip + k, sizeof(int), cudaMemcpyDeviceToHost, stream), "reading skip flag");
+    check(cudaStreamSynchronize(stream), "call " + std::to_string(k - 1) + " (stream synchronize)");
+    return h_skip[k] != 0;
+  }
+};
+
+CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOptions options) {
+  validate(options);
+  plan.validate();
+  const Capabilities caps = capabilities();
+  if (caps.device_count == 0) throw SamplerError("cuda runner: " + caps.reason);
+  if (options.device < 0 || options.device >= caps.device_count)
+    throw SamplerError("cuda runner: device " + std::to_string(options.device) + " does not exist (" +
+                       std::to_string(caps.device_count) + " devices)");
+  const bool capturable = model.capturable();
+  if ((options.mode == Mode::kStepGraphs || options.mode == Mode::kOneGraph) && !capturable)
+    throw SamplerError(std::string("cuda runner: mode ") + mode_name(options.mode) +
+                       " captures the model in a CUDA graph, but this DeviceDenoiser says it is not capturable; use "
+                       "eager or auto");
+
+  impl_ = std::make_unique<Impl>(plan, model, std::move(options));
+  Impl& d = *impl_;
+  const RunnerOptions& o = d.opt;
+  switch (o.mode) {
+    case Mode::kAuto:
+      d.mode = capturable ? Mode::kOneGraph : Mode::kEager;
+      d.note = capturable ? "auto: one graph" : "auto: the model is not capturable, eager";
+      break;
+    default:
+      d.mode = o.mode;
+      d.note = std::string("requested ") + mode_name(o.mode);
+  }
+  if (d.mode == Mode::kOneGraph && o.gated && !caps.conditional_nodes) {
+    d.mode = Mode::kStepGraphs;
+    d.note = "one_graph -> step_graphs (host-flag fallback): " + caps.reason;
+  }
+
+  check(cudaSetDevice(o.device), "cudaSetDevice");
+  check(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cudaStreamCreateWithFlags(&d.side, cudaStreamNonBlocking), "cudaStreamCreate");
+  d.program = program_for(d.plan);
+  const Program& p = *d.program;
+  d.steps = static_cast<int>(p.num_steps());
+  for (int64_t s : o.sample_shape) d.m *= s;
+
+  View& v = d.v;
+  v.m = d.m;
+  v.bm = o.batch * d.m;
+  v.width = static_cast<int>(p.width);
+  v.blocks = static_cast<int>(std::min<int64_t>((d.m + kThreads - 1) / kThreads, kMaxBlocksPerSample));
+  v.steps = d.steps;
+  v.guided = o.guided;
+  v.gated = o.gated;
+  const size_t bm = static_cast<size_t>(v.bm);
+  v.basis = device_alloc<float>(d.owned, static_cast<size_t>(p.num_rows) * bm, "latents");
+  d.raw = device_alloc<float>(d.owned, (o.guided ? 2 : 1) * bm, "model output");
+  v.raw = d.raw;
+  v.gout = device_alloc<float>(d.owned, o.gated ? bm : 0, "guided output");
+  d.w = device_alloc<float>(d.owned, static_cast<size_t>(o.batch), "guidance");
+  v.w = d.w;
+  d.x_T = device_alloc<float>(d.owned, bm, "x_T");
+  v.skip = device_alloc<int>(d.owned, static_cast<size_t>(d.steps), "skip flags");
+  v.status = device_alloc<int>(d.owned, 1, "status");
+  v.partial = device_alloc<double>(d.owned, static_cast<size_t>(o.batch) * v.blocks, "gate partial sums");
+  v.gate = device_alloc<GateDev>(d.owned, 1, "gate state");
+
+  // The program's tables, float32 as the CPU loop uses them.
+  const size_t rows = p.dst.size(), cells = p.src.size();
+  std::vector<float> gcoef(rows), coef(cells), times(static_cast<size_t>(d.steps * o.batch));
+  for (size_t i = 0; i < rows; ++i) gcoef[i] = static_cast<float>(p.gcoef[i]);
+  for (size_t i = 0; i < cells; ++i) coef[i] = static_cast<float>(p.coef[i]);
+  for (int k = 0; k < d.steps; ++k)
+    std::fill_n(times.begin() + static_cast<int64_t>(k) * o.batch, o.batch, static_cast<float>(d.plan.times[k]));
+  int* dst = device_alloc<int>(d.owned, rows, "program dst");
+  int* src = device_alloc<int>(d.owned, cells, "program src");
+  float* gc = device_alloc<float>(d.owned, rows, "program gcoef");
+  float* cf = device_alloc<float>(d.owned, cells, "program coef");
+  d.times = device_alloc<float>(d.owned, times.size(), "times");
+  check(cudaMemcpy(dst, p.dst.data(), rows * sizeof(int), cudaMemcpyHostToDevice), "upload program");
+  check(cudaMemcpy(src, p.src.data(), cells * sizeof(int), cudaMemcpyHostToDevice), "upload program");
+  check(cudaMemcpy(gc, gcoef.data(), rows * sizeof(float), cudaMemcpyHostToDevice), "upload program");
+  check(cudaMemcpy(cf, coef.data(), cells * sizeof(float), cudaMemcpyHostToDevice), "upload program");
+  check(cudaMemcpy(d.times, times.data(), times.size() * sizeof(float), cudaMemcpyHostToDevice), "upload times");
+  v.dst = dst;
+  v.src = src;
+  v.gcoef = gc;
+  v.coef = cf;
+  d.h_skip = d.host_alloc<int>(static_cast<size_t>(d.steps), "skip flags");
+  d.h_status = d.host_alloc<int>(1, "status");
+  d.h_w = d.host_alloc<float>(static_cast<size_t>(o.batch), "guidance");
+}
+
+CudaRunner::~CudaRunner() = default;
+
+Mode CudaRunner::mode() const { return impl_->mode; }
+const std::string& CudaRunner::mode_note() const { return impl_->note; }
+cudaStream_t CudaRunner::stream() const { return impl_->stream; }
+
+RunResult CudaRunner::run(const float* x_T, const float* guidance, float* out) {
+  Impl& d = *impl_;
+  const RunnerOptions& o = d.opt;
+  if (x_T == nullptr || out == nullptr) throw SamplerError("cuda runner: x_T and out must be device pointers, got null");
+  check(cudaSetDevice(o.device), "cudaSetDevice");
+  const size_t bytes = static_cast<size_t>(d.v.bm) * sizeof(float);
+  if (o.guided) {
+    if (guidance == nullptr) throw SamplerError("cuda runner: this runner is guided; pass `batch` guidance weights");
+    for (int64_t b = 0; b < o.batch; ++b) {
+      if (!std::isfinite(guidance[b]))
+        throw SamplerError("cuda runner: guidance weight " + std::to_string(b) + " is not finite");
+      d.h_w[b] = guidance[b];
+    }
+    check(cudaMemcpyAsync(d.w, d.h_w, o.batch * sizeof(float), cudaMemcpyHostToDevice, d.stream),
+          "upload guidance");
+  }
+  check(cudaMemcpyAsync(d.x_T, x_T, bytes, cudaMemcpyDeviceToDevice, d.stream), "copy x_T");
+  d.ensure_captured();
+
+  RunResult r;
+  switch (d.mode) {
+    case Mode::kOneGraph:
+      check(cudaGraphLaunch(d.whole, d.stream), "cudaGraphLaunch (one graph)");
+      ++r.graph_launches;
+      break;
+    case Mode::kStepGraphs:
+      d.launch_init(d.stream);
+      for (int k = 0; k < d.steps; ++k) {
+        if (!d.host_skip(k, r)) {
+          check(cudaGraphLaunch(d.model_exec[k], d.stream), "cudaGraphLaunch (model call " + std::to_string(k) + ")");
+          ++r.graph_launches;
+        }
+        check(cudaGraphLaunch(d.step_exec[k], d.stream), "cudaGraphLaunch (step " + std::to_string(k) + ")");
+        ++r.graph_launches;
+      }
+      break;
+    default:
+      d.launch_init(d.stream);
+      for (int k = 0; k < d.steps; ++k) {
+        if (!d.host_skip(k, r)) d.model_call(k, d.stream);
+        d.launch_step(k, d.stream, 0, false);
+      }
+  }
+  const Program& p = *d.program;
+  check(cudaMemcpyAsync(out, d.v.basis + p.result_row * d.v.bm, bytes, cudaMemcpyDeviceToDevice, d.stream),
+        "copy result");
+  check(cudaMemcpyAsync(d.h_skip, d.v.skip, d.steps * sizeof(int), cudaMemcpyDeviceToHost, d.stream), "read flags");
+  check(cudaMemcpyAsync(d.h_status, d.v.status, sizeof(int), cudaMemcpyDeviceToHost, d.stream), "read status");
+  check(cudaStreamSynchronize(d.stream), std::string("sampling (") + mode_name(d.mode) +
+                                             (d.mode == Mode::kOneGraph
+                                                  ? "; a fault inside one graph cannot be traced to a call: rerun "
+                                                    "with mode eager to find it)"
+                                                  : ")"));
+  ++r.host_syncs;
+  if (*d.h_status >= 0) {
+    const int k = *d.h_status;
+    throw SamplerError("model call " + std::to_string(k) + " (t=" + std::to_string(d.plan.times[k]) +
+                       ") returned non-finite values (NaN or Inf) in its guided output");
+  }
+  r.nfe.assign(o.batch, 0);
+  r.skipped.assign(o.batch, {});
+  for (int k = 0; k < d.steps; ++k) {
+    const bool skipped = o.gated && d.h_skip[k] != 0;
+    if (!skipped) ++r.unet_calls;
+    for (int64_t b = 0; b < o.batch; ++b) {
+      if (skipped)
+        r.skipped[b].push_back(k);
+      else
+        ++r.nfe[b];
+    }
+  }
+  return r;
+}
+
+}  // namespace cuda
+}  // namespace fastdiff

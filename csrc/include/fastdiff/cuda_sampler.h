@@ -1,0 +1,119 @@
+// The sampling loop on a CUDA device: the CUDA twin of fastdiff::Sampler (sampler.h). The fused
+// step (guidance, the program's two rows, the gate statistic) is one kernel per call built from
+// the same per-element code as the CPU loop (step_math.h); the gate's decision is made by a
+// kernel, so the skip flag never has to leave the device.
+//
+// A CudaRunner owns one stream, the latents of one request shape and, depending on its mode, the
+// captured graphs:
+//   kEager       every kernel and model call launched from the host; with the gate, the host
+//                reads the skip flag after each call (one synchronisation per step).
+//   kStepGraphs  one CUDA graph per model call and one per fused step; with the gate, the host
+//                reads the flag between them (the host-flag fallback).
+//   kOneGraph    the whole sampling call is one graph launch. With the gate, each model call sits
+//                in a conditional IF node whose handle the decision kernel sets on the device
+//                (cudaGraphSetConditional, CUDA >= 12.4 runtime and driver): zero host
+//                synchronisation until the result is read.
+//   kAuto        kOneGraph when the model is capturable and conditional nodes work (or no gate is
+//                used), kStepGraphs when conditional nodes are unavailable, kEager when the model
+//                cannot be captured. mode()/mode_note() say what was chosen and why.
+//
+// Decisions are per batch (GateOptions::per_sample must be false): a captured graph has fixed
+// shapes, so it cannot compact a batch to the samples that still need a call the way the CPU
+// sampler does.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fastdiff/plan.h"
+#include "fastdiff/sampler.h"
+
+namespace fastdiff {
+namespace cuda {
+
+// One model call on the device. x: [n, ...sample_shape]; t: [n] model times (device memory that
+// holds this call's times for the runner's lifetime, so a captured graph may read it); out:
+// [n] or [2n] = [unconditional; conditional] rows. Work must be issued on `stream` only.
+struct DeviceCall {
+  int step = 0;
+  int64_t n = 0;
+  const std::vector<int64_t>* sample_shape = nullptr;
+  const float* x = nullptr;
+  const float* t = nullptr;
+  bool guided = false;
+  float* out = nullptr;
+  cudaStream_t stream = nullptr;
+};
+
+class DeviceDenoiser {
+ public:
+  virtual ~DeviceDenoiser() = default;
+  // Issue the call's work on call.stream. May throw (the runner names the call).
+  virtual void forward(const DeviceCall& call) = 0;
+  // True when forward only enqueues capturable work on call.stream (no host synchronisation,
+  // no allocation that a graph would not replay, same pointers every time).
+  virtual bool capturable() const { return false; }
+};
+
+enum class Mode { kAuto, kEager, kStepGraphs, kOneGraph };
+const char* mode_name(Mode mode);
+Mode parse_mode(const std::string& name);  // "auto" | "eager" | "step_graphs" | "one_graph"; throws SamplerError
+
+// What this process can use; never throws.
+struct Capabilities {
+  int runtime_version = 0;    // cudaRuntimeGetVersion, e.g. 13000
+  int driver_version = 0;     // cudaDriverGetVersion (0: no driver)
+  int device_count = 0;
+  bool conditional_nodes = false;  // runtime and driver >= 12.4 and a device present
+  std::string reason;              // why devices or conditional nodes are unavailable ("" when both are)
+};
+Capabilities capabilities();
+
+struct RunnerOptions {
+  int64_t batch = 1;
+  std::vector<int64_t> sample_shape;  // e.g. {4, 64, 64}
+  bool guided = false;                // the model returns [uncond; cond] rows, guidance weights per run
+  bool gated = false;                 // AdaptiveDiffusion gate with `gate` (per_sample must be false)
+  GateOptions gate;
+  Mode mode = Mode::kAuto;
+  int device = 0;
+};
+
+struct RunResult {
+  std::vector<int> nfe;                    // per sample (equal across the batch: decisions are per batch)
+  int unet_calls = 0;
+  std::vector<std::vector<int>> skipped;   // per sample, the skipped calls
+  int graph_launches = 0;                  // cudaGraphLaunch calls this run made
+  int host_syncs = 0;                      // stream synchronisations this run made (reading the result included)
+};
+
+class CudaRunner {
+ public:
+  // Validates the plan and the options, allocates the device buffers and uploads the program.
+  // Graphs are captured on the first run. Throws SamplerError (CUDA errors included, named).
+  CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOptions options);
+  ~CudaRunner();
+  CudaRunner(const CudaRunner&) = delete;
+  CudaRunner& operator=(const CudaRunner&) = delete;
+
+  // x_T and out: device pointers to [batch, ...sample_shape] float32 (out may alias x_T);
+  // guidance: host pointer to `batch` weights (required when guided, else ignored).
+  // Returns after the result is in `out`. One run at a time per runner (a runner is not
+  // thread-safe; use one runner per thread, each has its own stream).
+  RunResult run(const float* x_T, const float* guidance, float* out);
+
+  Mode mode() const;
+  const std::string& mode_note() const;
+  cudaStream_t stream() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace cuda
+}  // namespace fastdiff

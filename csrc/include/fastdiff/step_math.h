@@ -1,0 +1,68 @@
+// The fused step's per-element arithmetic, shared by the CPU sampler (csrc/runtime/sampler.cpp)
+// and its CUDA twin (csrc/cuda/sampler.cu), so both run the same float operations in the same
+// order as torch (fastdiff.ops.step.fused_step_reference):
+//   g = u + w·(c − u)            (classifier-free guidance)
+//   v = gcoef·g;  v = v + coef_j·src_j  for each column j of the program row.
+// Every product and sum is rounded on its own: on the device with __fmul_rn/__fadd_rn/__fsub_rn
+// (which the compiler never contracts into an FMA); on the host the core is built as ISO C++
+// (no -ffp-contract=fast, no -mfma), so a*b + c stays two roundings there too.
+#pragma once
+
+#include <math.h>
+
+#if defined(__CUDACC__)
+#define FASTDIFF_HD __host__ __device__ __forceinline__
+#else
+#define FASTDIFF_HD inline
+#endif
+
+namespace fastdiff {
+
+FASTDIFF_HD float fd_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+FASTDIFF_HD float fd_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+FASTDIFF_HD float fd_sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Guided output g = u + w·(c − u).
+FASTDIFF_HD float fd_guide(float u, float c, float w) { return fd_add(u, fd_mul(w, fd_sub(c, u))); }
+
+// One accumulation of a program row: v + coef·src.
+FASTDIFF_HD float fd_axpy(float v, float coef, float src) { return fd_add(v, fd_mul(coef, src)); }
+
+// AdaptiveDiffusion's decision for one group (fastdiff.gate.AdaptiveGate.observe_stat): given the
+// new statistic d and the group's history (d1 = previous, d2 = the one before, run = consecutive
+// skips so far), whether the next call is skipped; updates the history. `active` is false during
+// warm-up. threshold_scale = float(2·delta).
+FASTDIFF_HD bool fd_gate_observe(float d, float& d1, float& d2, int& run, bool active, float threshold_scale,
+                                 int max_skips) {
+  bool skip = false;
+  if (active) {
+    const float third = fabsf(fd_add(fd_sub(d, fd_mul(2.0f, d1)), d2));
+    skip = third <= fd_mul(threshold_scale, d1) && run < max_skips;
+  }
+  d2 = d1;
+  d1 = d;
+  run = skip ? run + 1 : 0;
+  return skip;
+}
+
+}  // namespace fastdiff
