@@ -258,6 +258,10 @@ struct CudaRunner::Impl {
   Impl(const StepPlan& p, DeviceDenoiser& md, RunnerOptions o) : plan(p), model(md), opt(std::move(o)) {}
 
   ~Impl() {
+    // Work a failed run left queued must finish before its buffers go.
+    cudaSetDevice(opt.device);
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    if (side != nullptr) cudaStreamSynchronize(side);
     for (auto e : model_exec) cudaGraphExecDestroy(e);
     for (auto e : step_exec) cudaGraphExecDestroy(e);
     if (whole != nullptr) cudaGraphExecDestroy(whole);
@@ -312,8 +316,10 @@ struct CudaRunner::Impl {
     }
   }
 
+  // Captures body() on s and instantiates it. With `conditional`, an instantiation failure means
+  // this driver or this model's work cannot run inside conditional nodes (NoConditionalNodes).
   template <typename F>
-  cudaGraphExec_t capture(cudaStream_t s, const std::string& what, F&& body) {
+  cudaGraphExec_t capture(cudaStream_t s, const std::string& what, F&& body, bool conditional = false) {
     check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture (" + what + ")");
     cudaGraph_t graph = nullptr;
     try {
@@ -327,6 +333,11 @@ struct CudaRunner::Impl {
     cudaGraphExec_t exec = nullptr;
     const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
+    if (err != cudaSuccess && conditional) {
+      cudaGetLastError();
+      throw NoConditionalNodes(std::string("cudaGraphInstantiate (graph with conditional nodes): ") +
+                               cudaGetErrorString(err));
+    }
     check(err, "cudaGraphInstantiate (" + what + ")");
     return exec;
   }
@@ -362,7 +373,10 @@ struct CudaRunner::Impl {
     check(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeThreadLocal),
           "cudaStreamBeginCaptureToGraph (model call " + std::to_string(k) + ")");
     model_call(k, side);
-    check(cudaStreamEndCapture(side, &body), "cudaStreamEndCapture (model call " + std::to_string(k) + ")");
+    const cudaError_t end = cudaStreamEndCapture(side, &body);
+    if (end != cudaSuccess)  // e.g. work a conditional body cannot hold (host nodes, allocations)
+      throw NoConditionalNodes("capturing model call " + std::to_string(k) + " into a conditional body: " +
+                               cudaGetErrorString(end));
   }
 
   void capture_one_graph() {
@@ -387,7 +401,7 @@ struct CudaRunner::Impl {
           model_call(k, stream);
         launch_step(k, stream, k + 1 < steps ? handles[k + 1] : 0, opt.gated);
       }
-    });
+    }, opt.gated);
   }
 
   void ensure_captured() {
@@ -413,6 +427,8 @@ struct CudaRunner::Impl {
     }
     captured = true;
   }
+
+  RunResult run(const float* x_T, const float* guidance, float* out);
 
   // With the gate, the host learns whether call k runs (host-flag modes only).
   bool host_skip(int k, RunResult& r) {
@@ -505,6 +521,9 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   v.src = src;
   v.gcoef = gc;
   v.coef = cf;
+  // cudaMemcpy from pageable memory may return before its DMA lands, and the runner's stream does
+  // not wait for the legacy stream: finish the uploads (and the memsets) here.
+  check(cudaDeviceSynchronize(), "uploading the program");
   d.h_skip = d.host_alloc<int>(static_cast<size_t>(d.steps), "skip flags");
   d.h_status = d.host_alloc<int>(1, "status");
   d.h_w = d.host_alloc<float>(static_cast<size_t>(o.batch), "guidance");
@@ -517,7 +536,19 @@ const std::string& CudaRunner::mode_note() const { return impl_->note; }
 cudaStream_t CudaRunner::stream() const { return impl_->stream; }
 
 RunResult CudaRunner::run(const float* x_T, const float* guidance, float* out) {
-  Impl& d = *impl_;
+  try {
+    return impl_->run(x_T, guidance, out);
+  } catch (...) {
+    // Let work already queued (the pinned guidance upload among it) finish before the next run
+    // reuses the buffers; the error is the one being thrown.
+    cudaStreamSynchronize(impl_->stream);
+    cudaGetLastError();
+    throw;
+  }
+}
+
+RunResult CudaRunner::Impl::run(const float* x_T, const float* guidance, float* out) {
+  Impl& d = *this;
   const RunnerOptions& o = d.opt;
   if (x_T == nullptr || out == nullptr) throw SamplerError("cuda runner: x_T and out must be device pointers, got null");
   check(cudaSetDevice(o.device), "cudaSetDevice");

@@ -109,6 +109,7 @@ int main(int argc, char** argv) {
   std::vector<float> xh(n);
   for (size_t i = 0; i < n; ++i) xh[i] = static_cast<float>((i * 2654435761u) % 2000) / 1000.0f - 1.0f;
   cudaMemcpy(x, xh.data(), n * sizeof(float), cudaMemcpyHostToDevice);
+  cudaDeviceSynchronize();
   const std::vector<float> guidance(static_cast<size_t>(args.batch), 7.5f);
 
   std::ostringstream rows;

@@ -13,9 +13,14 @@
 //                in a conditional IF node whose handle the decision kernel sets on the device
 //                (cudaGraphSetConditional, CUDA >= 12.4 runtime and driver): zero host
 //                synchronisation until the result is read.
-//   kAuto        kOneGraph when the model is capturable and conditional nodes work (or no gate is
-//                used), kStepGraphs when conditional nodes are unavailable, kEager when the model
-//                cannot be captured. mode()/mode_note() say what was chosen and why.
+//   kAuto        kOneGraph when the model is capturable (with the gate: and conditional nodes
+//                work), kEager when the model cannot be captured. mode()/mode_note() say what was
+//                chosen and why.
+// kOneGraph with the gate falls back to kStepGraphs, and mode_note() says why, when the runtime or
+// driver is older than 12.4, or creating a conditional node, capturing the model into its body
+// (which holds only kernels, memsets, memcopies and child graphs: no host nodes or allocations)
+// or instantiating the graph fails. A model whose own code throws on such a failure is reported
+// as a failed model call instead.
 //
 // Decisions are per batch (GateOptions::per_sample must be false): a captured graph has fixed
 // shapes, so it cannot compact a batch to the samples that still need a call the way the CPU
@@ -100,7 +105,9 @@ class CudaRunner {
   CudaRunner(const CudaRunner&) = delete;
   CudaRunner& operator=(const CudaRunner&) = delete;
 
-  // x_T and out: device pointers to [batch, ...sample_shape] float32 (out may alias x_T);
+  // x_T and out: device pointers to [batch, ...sample_shape] float32 (out may alias x_T). x_T
+  // must be complete when run is called: the runner's stream does not wait for other streams
+  // (synchronise the producer's stream, or cudaDeviceSynchronize after a pageable cudaMemcpy);
   // guidance: host pointer to `batch` weights (required when guided, else ignored).
   // Returns after the result is in `out`. One run at a time per runner (a runner is not
   // thread-safe; use one runner per thread, each has its own stream).

@@ -4,8 +4,9 @@
 //   g = u + w·(c − u)            (classifier-free guidance)
 //   v = gcoef·g;  v = v + coef_j·src_j  for each column j of the program row.
 // Every product and sum is rounded on its own: on the device with __fmul_rn/__fadd_rn/__fsub_rn
-// (which the compiler never contracts into an FMA); on the host the core is built as ISO C++
-// (no -ffp-contract=fast, no -mfma), so a*b + c stays two roundings there too.
+// (which the compiler never contracts into an FMA); on the host every target that compiles this
+// header is built with -ffp-contract=off (CMakeLists.txt), since GCC contracts a*b + c into an
+// FMA in C++ wherever the target has one (aarch64, -march=native on x86).
 #pragma once
 
 #include <math.h>
