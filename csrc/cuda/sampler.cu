@@ -42,9 +42,9 @@ struct GateDev {
 // Device pointers and sizes the kernels share.
 struct View {
   float* basis;         // [num_rows, batch*m]
-  const float* raw;     // [(guided ? 2 : 1) * batch, m]
+  float* raw;           // [(guided ? 2 : 1) * batch, m]
   float* gout;          // [batch, m] last guided output (gated only)
-  const float* w;       // [batch] guidance weights
+  float* w;             // [batch] guidance weights
   const int* dst;       // [N*2]
   const float* gcoef;   // [N*2]
   const int* src;       // [N*2*width]
@@ -154,19 +154,14 @@ T* device_alloc(std::vector<void*>& owned, size_t count, const char* what) {
 void validate(const RunnerOptions& o) {
   if (o.batch < 1 || o.batch > 65535)
     throw SamplerError("cuda runner: batch must be in 1..65535, got " + std::to_string(o.batch));
-  if (o.sample_shape.empty()) throw SamplerError("cuda runner: sample_shape is empty (expected e.g. {4, 64, 64})");
-  for (int64_t s : o.sample_shape)
-    if (s < 1) throw SamplerError("cuda runner: sample_shape has a non-positive dimension " + std::to_string(s));
+  check_sample_shape("cuda runner", o.batch, o.sample_shape);
   if (o.gated) {
     if (o.gate.per_sample)
       throw SamplerError(
           "cuda runner: the gate decides per batch on the GPU (GateOptions::per_sample must be false): a captured "
           "graph has fixed shapes and cannot compact the batch to the samples that still need a call; use "
           "per_sample=false, or the CPU Sampler for per-sample skipping");
-    if (!(o.gate.delta >= 0.0) || !std::isfinite(o.gate.delta))
-      throw SamplerError("cuda runner: gate delta must be a finite number >= 0, got " + std::to_string(o.gate.delta));
-    if (o.gate.max_skips < 0 || o.gate.warmup < 0)
-      throw SamplerError("cuda runner: gate max_skips and warmup must be >= 0");
+    check_gate("cuda runner", o.gate);
   }
 }
 
@@ -237,16 +232,13 @@ struct CudaRunner::Impl {
   RunnerOptions opt;
   Mode mode = Mode::kEager;
   std::string note;
-  int64_t m = 1;
   int steps = 0;
   std::vector<void*> owned;   // device allocations
   std::vector<void*> pinned;  // host allocations
   cudaStream_t stream = nullptr;
   cudaStream_t side = nullptr;  // captures conditional bodies
   View v{};
-  float* x_T = nullptr;
-  float* raw = nullptr;
-  float* w = nullptr;
+  float* x_stage = nullptr;  // the run's x_T, copied where the captured init kernel reads it
   float* times = nullptr;  // [N, batch]
   int* h_skip = nullptr;
   int* h_status = nullptr;
@@ -287,7 +279,7 @@ struct CudaRunner::Impl {
     call.x = v.basis + static_cast<int64_t>(program->x_row[k]) * v.bm;
     call.t = times + static_cast<int64_t>(k) * opt.batch;
     call.guided = opt.guided;
-    call.out = raw;
+    call.out = v.raw;
     call.stream = s;
     try {
       model.forward(call);
@@ -300,7 +292,7 @@ struct CudaRunner::Impl {
 
   void launch_init(cudaStream_t s) {
     const int grid = static_cast<int>(std::min<int64_t>((v.bm + kThreads - 1) / kThreads, 1024));
-    init_kernel<<<grid, kThreads, 0, s>>>(v, x_T, static_cast<int>(program->init_row),
+    init_kernel<<<grid, kThreads, 0, s>>>(v, x_stage, static_cast<int>(program->init_row),
                                           static_cast<float>(program->init_coef));
     check(cudaGetLastError(), "init_kernel");
   }
@@ -477,24 +469,21 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   d.program = program_for(d.plan);
   const Program& p = *d.program;
   d.steps = static_cast<int>(p.num_steps());
-  for (int64_t s : o.sample_shape) d.m *= s;
-
   View& v = d.v;
-  v.m = d.m;
-  v.bm = o.batch * d.m;
+  v.m = 1;
+  for (int64_t s : o.sample_shape) v.m *= s;
+  v.bm = o.batch * v.m;
   v.width = static_cast<int>(p.width);
-  v.blocks = static_cast<int>(std::min<int64_t>((d.m + kThreads - 1) / kThreads, kMaxBlocksPerSample));
+  v.blocks = static_cast<int>(std::min<int64_t>((v.m + kThreads - 1) / kThreads, kMaxBlocksPerSample));
   v.steps = d.steps;
   v.guided = o.guided;
   v.gated = o.gated;
   const size_t bm = static_cast<size_t>(v.bm);
   v.basis = device_alloc<float>(d.owned, static_cast<size_t>(p.num_rows) * bm, "latents");
-  d.raw = device_alloc<float>(d.owned, (o.guided ? 2 : 1) * bm, "model output");
-  v.raw = d.raw;
+  v.raw = device_alloc<float>(d.owned, (o.guided ? 2 : 1) * bm, "model output");
   v.gout = device_alloc<float>(d.owned, o.gated ? bm : 0, "guided output");
-  d.w = device_alloc<float>(d.owned, static_cast<size_t>(o.batch), "guidance");
-  v.w = d.w;
-  d.x_T = device_alloc<float>(d.owned, bm, "x_T");
+  v.w = device_alloc<float>(d.owned, static_cast<size_t>(o.batch), "guidance");
+  d.x_stage = device_alloc<float>(d.owned, bm, "x_T");
   v.skip = device_alloc<int>(d.owned, static_cast<size_t>(d.steps), "skip flags");
   v.status = device_alloc<int>(d.owned, 1, "status");
   v.partial = device_alloc<double>(d.owned, static_cast<size_t>(o.batch) * v.blocks, "gate partial sums");
@@ -548,68 +537,63 @@ RunResult CudaRunner::run(const float* x_T, const float* guidance, float* out) {
 }
 
 RunResult CudaRunner::Impl::run(const float* x_T, const float* guidance, float* out) {
-  Impl& d = *this;
-  const RunnerOptions& o = d.opt;
+  const RunnerOptions& o = opt;
   if (x_T == nullptr || out == nullptr) throw SamplerError("cuda runner: x_T and out must be device pointers, got null");
   check(cudaSetDevice(o.device), "cudaSetDevice");
-  const size_t bytes = static_cast<size_t>(d.v.bm) * sizeof(float);
+  const size_t bytes = static_cast<size_t>(v.bm) * sizeof(float);
   if (o.guided) {
     if (guidance == nullptr) throw SamplerError("cuda runner: this runner is guided; pass `batch` guidance weights");
-    for (int64_t b = 0; b < o.batch; ++b) {
-      if (!std::isfinite(guidance[b]))
-        throw SamplerError("cuda runner: guidance weight " + std::to_string(b) + " is not finite");
-      d.h_w[b] = guidance[b];
-    }
-    check(cudaMemcpyAsync(d.w, d.h_w, o.batch * sizeof(float), cudaMemcpyHostToDevice, d.stream),
-          "upload guidance");
+    check_guidance("cuda runner", guidance, o.batch);
+    std::copy_n(guidance, o.batch, h_w);
+    check(cudaMemcpyAsync(v.w, h_w, o.batch * sizeof(float), cudaMemcpyHostToDevice, stream), "upload guidance");
   }
-  check(cudaMemcpyAsync(d.x_T, x_T, bytes, cudaMemcpyDeviceToDevice, d.stream), "copy x_T");
-  d.ensure_captured();
+  check(cudaMemcpyAsync(x_stage, x_T, bytes, cudaMemcpyDeviceToDevice, stream), "copy x_T");
+  ensure_captured();
 
   RunResult r;
-  switch (d.mode) {
+  switch (mode) {
     case Mode::kOneGraph:
-      check(cudaGraphLaunch(d.whole, d.stream), "cudaGraphLaunch (one graph)");
+      check(cudaGraphLaunch(whole, stream), "cudaGraphLaunch (one graph)");
       ++r.graph_launches;
       break;
     case Mode::kStepGraphs:
-      d.launch_init(d.stream);
-      for (int k = 0; k < d.steps; ++k) {
-        if (!d.host_skip(k, r)) {
-          check(cudaGraphLaunch(d.model_exec[k], d.stream), "cudaGraphLaunch (model call " + std::to_string(k) + ")");
+      launch_init(stream);
+      for (int k = 0; k < steps; ++k) {
+        if (!host_skip(k, r)) {
+          check(cudaGraphLaunch(model_exec[k], stream), "cudaGraphLaunch (model call " + std::to_string(k) + ")");
           ++r.graph_launches;
         }
-        check(cudaGraphLaunch(d.step_exec[k], d.stream), "cudaGraphLaunch (step " + std::to_string(k) + ")");
+        check(cudaGraphLaunch(step_exec[k], stream), "cudaGraphLaunch (step " + std::to_string(k) + ")");
         ++r.graph_launches;
       }
       break;
     default:
-      d.launch_init(d.stream);
-      for (int k = 0; k < d.steps; ++k) {
-        if (!d.host_skip(k, r)) d.model_call(k, d.stream);
-        d.launch_step(k, d.stream, 0, false);
+      launch_init(stream);
+      for (int k = 0; k < steps; ++k) {
+        if (!host_skip(k, r)) model_call(k, stream);
+        launch_step(k, stream, 0, false);
       }
   }
-  const Program& p = *d.program;
-  check(cudaMemcpyAsync(out, d.v.basis + p.result_row * d.v.bm, bytes, cudaMemcpyDeviceToDevice, d.stream),
+  const Program& p = *program;
+  check(cudaMemcpyAsync(out, v.basis + p.result_row * v.bm, bytes, cudaMemcpyDeviceToDevice, stream),
         "copy result");
-  check(cudaMemcpyAsync(d.h_skip, d.v.skip, d.steps * sizeof(int), cudaMemcpyDeviceToHost, d.stream), "read flags");
-  check(cudaMemcpyAsync(d.h_status, d.v.status, sizeof(int), cudaMemcpyDeviceToHost, d.stream), "read status");
-  check(cudaStreamSynchronize(d.stream), std::string("sampling (") + mode_name(d.mode) +
-                                             (d.mode == Mode::kOneGraph
+  check(cudaMemcpyAsync(h_skip, v.skip, steps * sizeof(int), cudaMemcpyDeviceToHost, stream), "read flags");
+  check(cudaMemcpyAsync(h_status, v.status, sizeof(int), cudaMemcpyDeviceToHost, stream), "read status");
+  check(cudaStreamSynchronize(stream), std::string("sampling (") + mode_name(mode) +
+                                             (mode == Mode::kOneGraph
                                                   ? "; a fault inside one graph cannot be traced to a call: rerun "
                                                     "with mode eager to find it)"
                                                   : ")"));
   ++r.host_syncs;
-  if (*d.h_status >= 0) {
-    const int k = *d.h_status;
-    throw SamplerError("model call " + std::to_string(k) + " (t=" + std::to_string(d.plan.times[k]) +
+  if (*h_status >= 0) {
+    const int k = *h_status;
+    throw SamplerError("model call " + std::to_string(k) + " (t=" + std::to_string(plan.times[k]) +
                        ") returned non-finite values (NaN or Inf) in its guided output");
   }
   r.nfe.assign(o.batch, 0);
   r.skipped.assign(o.batch, {});
-  for (int k = 0; k < d.steps; ++k) {
-    const bool skipped = o.gated && d.h_skip[k] != 0;
+  for (int k = 0; k < steps; ++k) {
+    const bool skipped = o.gated && h_skip[k] != 0;
     if (!skipped) ++r.unet_calls;
     for (int64_t b = 0; b < o.batch; ++b) {
       if (skipped)

@@ -41,23 +41,34 @@ struct GateState {
 
 void check_request(const SampleRequest& r) {
   if (r.x_T == nullptr) throw SamplerError("sample: x_T is null");
-  if (r.batch < 1) throw SamplerError("sample: batch must be >= 1, got " + std::to_string(r.batch));
-  if (r.sample_shape.empty()) throw SamplerError("sample: sample_shape is empty (expected e.g. {4, 8, 8})");
-  for (int64_t s : r.sample_shape)
-    if (s < 1) throw SamplerError("sample: sample_shape has a non-positive dimension " + std::to_string(s));
-  if (r.guidance != nullptr)
-    for (int64_t b = 0; b < r.batch; ++b)
-      if (!std::isfinite(r.guidance[b]))
-        throw SamplerError("sample: guidance weight " + std::to_string(b) + " is not finite");
-  if (r.gate != nullptr) {
-    const GateOptions& g = *r.gate;
-    if (!(g.delta >= 0.0) || !std::isfinite(g.delta))
-      throw SamplerError("sample: gate delta must be a finite number >= 0, got " + std::to_string(g.delta));
-    if (g.max_skips < 0 || g.warmup < 0) throw SamplerError("sample: gate max_skips and warmup must be >= 0");
-  }
+  check_sample_shape("sample", r.batch, r.sample_shape);
+  check_guidance("sample", r.guidance, r.batch);
+  if (r.gate != nullptr) check_gate("sample", *r.gate);
 }
 
 }  // namespace
+
+void check_sample_shape(const char* who, int64_t batch, const std::vector<int64_t>& sample_shape) {
+  const std::string w(who);
+  if (batch < 1) throw SamplerError(w + ": batch must be >= 1, got " + std::to_string(batch));
+  if (sample_shape.empty()) throw SamplerError(w + ": sample_shape is empty (expected e.g. {4, 64, 64})");
+  for (int64_t s : sample_shape)
+    if (s < 1) throw SamplerError(w + ": sample_shape has a non-positive dimension " + std::to_string(s));
+}
+
+void check_guidance(const char* who, const float* guidance, int64_t batch) {
+  if (guidance == nullptr) return;
+  for (int64_t b = 0; b < batch; ++b)
+    if (!std::isfinite(guidance[b]))
+      throw SamplerError(std::string(who) + ": guidance weight " + std::to_string(b) + " is not finite");
+}
+
+void check_gate(const char* who, const GateOptions& g) {
+  const std::string w(who);
+  if (!(g.delta >= 0.0) || !std::isfinite(g.delta))
+    throw SamplerError(w + ": gate delta must be a finite number >= 0, got " + std::to_string(g.delta));
+  if (g.max_skips < 0 || g.warmup < 0) throw SamplerError(w + ": gate max_skips and warmup must be >= 0");
+}
 
 Sampler::Sampler(StepPlan plan) : plan_(std::move(plan)) {
   plan_.validate();

@@ -81,6 +81,12 @@ struct RowTerms {
   std::vector<std::pair<int32_t, float>> terms;  // (source row, coefficient)
 };
 
+// Input checks shared by Sampler::run and cuda::CudaRunner; each throws SamplerError starting
+// with `who` ("sample", "cuda runner").
+void check_sample_shape(const char* who, int64_t batch, const std::vector<int64_t>& sample_shape);
+void check_guidance(const char* who, const float* guidance, int64_t batch);  // null: no guidance
+void check_gate(const char* who, const GateOptions& gate);
+
 class Sampler {
  public:
   // Uses the plan's own program when its file carried one, else the dense program.
