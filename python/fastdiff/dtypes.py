@@ -1,0 +1,23 @@
+"""Latent and weight dtypes by name: what users pass (``"float16"``) and what messages print."""
+
+from __future__ import annotations
+
+NAMES = ("float32", "float16", "bfloat16")  # the dtypes engines run in
+
+
+def dtype_name(dtype) -> str:
+    """"float16" for torch.float16 (any object whose str is "torch.<name>")."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(dtype):
+    """A torch dtype from a name in NAMES or a torch dtype; ValueError names the choices."""
+    import torch
+
+    if isinstance(dtype, str):
+        if dtype not in NAMES:
+            raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(NAMES)}")
+        return getattr(torch, dtype)
+    if dtype not in tuple(getattr(torch, n) for n in NAMES):
+        raise ValueError(f"unsupported dtype {dtype}: expected one of {', '.join(NAMES)}")
+    return dtype
