@@ -24,7 +24,7 @@ def test_frechet_distance_refuses_mismatched_features():
 def test_shipped_classifier_reads_the_real_digits():
     pytest.importorskip("sklearn")
     from fastdiff.models.digits import load_data
-    from fastdiff.models.registry import ModelNotFoundError
+    from fastdiff.models.loading import ModelNotFoundError
     from fastdiff.testing import digits_accuracy, digits_fd
     from fastdiff.testing.digits import classifier
 

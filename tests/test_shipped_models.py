@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastdiff
-from fastdiff.models.registry import engines_dir
+from fastdiff.models.loading import engines_dir
 from fastdiff.models.shapes_data import random_scenes
 
 

@@ -133,9 +133,9 @@ def diffusers_pipe(target):
     diffusers = pytest.importorskip("diffusers")
     solver = diffusers.DPMSolverMultistepScheduler
     if target.tiny:
-        from fastdiff.models.registry import _load_sd_pipeline, engines_dir
+        from fastdiff.models.loading import engines_dir, load_sd_pipeline
 
-        pipe = _load_sd_pipeline(engines_dir() / "tiny-shapes", target.device, target.dtype)
+        pipe = load_sd_pipeline(engines_dir() / "tiny-shapes", target.device, target.dtype)
         pipe.scheduler = solver.from_config(pipe.scheduler.config)
     else:
         from fastdiff.models.sd21 import build_random_components, config_dir

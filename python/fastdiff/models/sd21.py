@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..engines.engine import Engine, TextConditioner, VaeDecoder
+from ..engines.components import TextConditioner, VaeDecoder
+from ..engines.engine import Engine
 from ..schedules import DiscreteSchedule
-from .registry import ModelNotFoundError, _load_sd_pipeline, _need, _sd21_local, engines_dir
+from .loading import ModelNotFoundError, engines_dir, load_sd_pipeline, need, sd21_local
 from .tokenizer import clip_bpe, open_clip_bpe_path, write_tokenizer
 
 GUIDANCE = 7.5
@@ -42,7 +43,7 @@ def _read(name: str) -> dict:
 
 def clip_tokenizer():
     """SD 2.1's tokenizer: the real CLIP BPE (from open_clip's vocabulary file) with pad "!"."""
-    transformers = _need("transformers", "the sd21 tokenizer")
+    transformers = need("transformers", "the sd21 tokenizer")
     bpe = open_clip_bpe_path()
     if bpe is None:
         raise ModelNotFoundError(
@@ -65,8 +66,8 @@ def _without_private(config: dict) -> dict:
 
 def build_random_components(device, dtype):
     """(tokenizer, text_encoder, unet, vae) of SD 2.1 with random weights, created on device."""
-    diffusers = _need("diffusers", "sd21")
-    transformers = _need("transformers", "sd21")
+    diffusers = need("diffusers", "sd21")
+    transformers = need("transformers", "sd21")
     tokenizer = clip_tokenizer()
     text_config = {
         k: v for k, v in _read("text_encoder/config.json").items() if k not in ("architectures", "torch_dtype")
@@ -78,9 +79,11 @@ def build_random_components(device, dtype):
     return tokenizer, text_encoder.to(dtype).eval(), unet.to(dtype).eval(), vae.to(dtype).eval()
 
 
-def load_engine(weights, device, dtype, sampler: str, backend: str) -> Engine:
+def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
+    """SD 2.1 from weights (a diffusers directory), else the local Hugging Face cache; weights="random"
+    builds the architecture with random weights. engine_options (sampler, backend, ...) go to the Engine."""
     if weights is None:
-        weights = _sd21_local()
+        weights = sd21_local()
         if weights is None:
             raise ModelNotFoundError(HOW_TO_PROVIDE)
     if isinstance(weights, str) and weights == "random":
@@ -94,13 +97,12 @@ def load_engine(weights, device, dtype, sampler: str, backend: str) -> Engine:
             sample_size=unet.config.sample_size,
             device=device,
             dtype=dtype,
-            sampler=sampler,
             guidance_scale=GUIDANCE,
-            backend=backend,
             random_weights=True,
+            **engine_options,
         )
     path = Path(weights)
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json). {HOW_TO_PROVIDE}")
-    pipe = _load_sd_pipeline(path, device, dtype)
-    return Engine.from_pipeline(pipe, name="sd21", sampler=sampler, guidance_scale=GUIDANCE, backend=backend)
+    pipe = load_sd_pipeline(path, device, dtype)
+    return Engine.from_pipeline(pipe, name="sd21", guidance_scale=GUIDANCE, **engine_options)

@@ -3,23 +3,23 @@
 32x32 RGB images of one coloured shape on a plain background, an AutoencoderKL with a factor-4
 latent (8x8x4), a UNet2DConditionModel with cross-attention, a 2-layer CLIP text
 encoder with a word-level CLIP BPE tokenizer, and SD 2.1's noise schedule with v-prediction.
-``train`` builds and trains all of it from a seed; ``python -m fastdiff.models.train tiny-shapes``
-is the command line. Components are built by diffusers/transformers, so
-``StableDiffusionPipeline.from_pretrained(<dir>)`` loads the result.
+Components are built by diffusers/transformers, so ``StableDiffusionPipeline.from_pretrained(<dir>)``
+loads the result; ``load_engine`` puts the shipped weights behind an Engine. Training lives in
+fastdiff.models.training.tiny_shapes (``python -m fastdiff.models.train tiny-shapes``).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..engines.engine import Engine
 from ..schedules import PRESETS
-from .shapes_data import COLORS, POSITIONS, SHAPES, random_scenes, render
+from .loading import ModelNotFoundError, engines_dir, pipeline_engine
+from .shapes_data import COLORS, POSITIONS, SHAPES, random_scenes
 from .tokenizer import word_level_bpe, write_tokenizer
 
 IMAGE_SIZE = 32  # small enough to train on 2 CPU cores in about an hour
@@ -108,136 +108,6 @@ def encode_text(components: Components, captions: list[str]) -> torch.Tensor:
     return components.text_encoder(ids)[0]
 
 
-class _EMA:
-    """Exponential moving average of a module's parameters (used for the shipped weights)."""
-
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v, 1 - self.decay)
-            else:
-                self.shadow[k].copy_(v)
-
-    def copy_to(self, module: torch.nn.Module) -> None:
-        module.load_state_dict(self.shadow)
-
-
-def _lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def train_vae(components: Components, steps: int, batch: int, seed: int, progress=None) -> dict:
-    """L1 reconstruction (sharper edges than MSE) + a small KL term, as in latent diffusion's
-    KL autoencoders (without their perceptual and adversarial terms)."""
-    vae = components.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
-    log = {}
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 1e-3)
-        images = render(random_scenes(batch, g), IMAGE_SIZE, g)
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample(generator=g)).sample
-        l1 = (recon - images).abs().mean()
-        kl = posterior.kl().mean() / images[0].numel()
-        loss = l1 + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        log = {"l1": l1.item(), "kl": kl.item()}
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(log)
-    vae.eval()
-    with torch.no_grad():
-        images = render(random_scenes(512, g), IMAGE_SIZE, g)
-        latents = vae.encode(images).latent_dist.sample(generator=g)
-        scaling = 1.0 / float(latents.std())
-        vae.register_to_config(scaling_factor=scaling)
-        recon = vae.decode(latents).sample
-    return {**log, "scaling_factor": scaling, "eval_mse": float(torch.nn.functional.mse_loss(recon, images))}
-
-
-def _encode_dataset(components: Components, n: int, seed: int, batch: int = 256):
-    """Latent moments and captions of n fresh scenes (the UNet samples from the moments)."""
-    g = torch.Generator().manual_seed(seed)
-    means, stds, captions = [], [], []
-    with torch.no_grad():
-        for start in range(0, n, batch):
-            scenes = random_scenes(min(batch, n - start), g)
-            dist = components.vae.encode(render(scenes, IMAGE_SIZE, g)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-            captions += [s.caption for s in scenes]
-    return torch.cat(means), torch.cat(stds), captions
-
-
-def train_unet(
-    components: Components,
-    steps: int,
-    batch: int,
-    seed: int,
-    dataset_size: int,
-    progress=None,
-    cfg_dropout: float = 0.1,
-    snr_gamma: float = 5.0,
-) -> dict:
-    """v-prediction on SD 2.1's schedule with min-SNR-γ weighting (Hang et al. 2023) and 10%
-    empty prompts for classifier-free guidance; the text encoder trains jointly. The shipped
-    weights are the EMA (decay 0.999) of both."""
-    from ..schedules import DiscreteSchedule
-
-    schedule = DiscreteSchedule.from_config(SCHEDULER_CONFIG)
-    ac = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
-    scaling = components.vae.config.scaling_factor
-    means, stds, captions = _encode_dataset(components, dataset_size, seed + 1)
-    unet, text_encoder = components.unet.train(), components.text_encoder.train()
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4)
-    ema_unet, ema_text = _EMA(unet, 0.999), _EMA(text_encoder, 0.999)
-    g = torch.Generator().manual_seed(seed)
-    log = {}
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, steps, 5e-4)
-        idx = torch.randint(0, len(captions), (batch,), generator=g)
-        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
-        drop = torch.rand(batch, generator=g) < cfg_dropout
-        text = ["" if d else captions[i] for d, i in zip(drop.tolist(), idx.tolist())]
-        t = torch.randint(0, len(ac), (batch,), generator=g)
-        a = ac[t].sqrt()[:, None, None, None]
-        s = (1 - ac[t]).sqrt()[:, None, None, None]
-        noise = torch.randn(x0.shape, generator=g)
-        target = a * noise - s * x0
-        pred = unet(a * x0 + s * noise, t, encoder_hidden_states=encode_text(components, text)).sample
-        snr = ac[t] / (1 - ac[t])
-        weight = torch.clamp(snr, max=snr_gamma) / (snr + 1)
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema_unet.update(unet)
-        ema_text.update(text_encoder)
-        log = {"loss": loss.item()}
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(log)
-    ema_unet.copy_to(unet)
-    ema_text.copy_to(text_encoder)
-    unet.eval()
-    text_encoder.eval()
-    return log
-
-
 def save_pipeline(components: Components, out: Path, *, dtype=torch.float16, info: dict | None = None) -> Path:
     """Write a diffusers StableDiffusionPipeline directory with fp16 safetensors weights."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -266,40 +136,18 @@ def save_pipeline(components: Components, out: Path, *, dtype=torch.float16, inf
     return Path(out)
 
 
-def train(
-    out: str | Path,
-    *,
-    seed: int = 0,
-    vae_steps: int = 3000,
-    unet_steps: int = 8000,
-    batch: int = 64,
-    dataset_size: int = 30000,
-    show_progress: bool = True,
-) -> dict:
-    """Build, train and save tiny-shapes; returns the training report (also in fastdiff.json)."""
-    from tqdm import tqdm
+def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
+    """tiny-shapes from engines/tiny-shapes, or from weights (a directory that save_pipeline wrote);
+    engine_options (sampler, backend, ...) go to the Engine."""
+    path = Path(weights) if weights else engines_dir() / "tiny-shapes"
+    if not (path / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"tiny-shapes weights missing from {path}: re-clone the repository, or retrain with "
+            f"`python -m fastdiff.models.train tiny-shapes --out {path}`"
+        )
+    return pipeline_engine(path, name="tiny-shapes", device=device, dtype=dtype, **engine_options)
 
-    out = Path(out)
-    started = time.time()
-    components = build_components(out / "tokenizer", seed)
-    with tqdm(total=vae_steps, desc="vae", disable=not show_progress) as bar:
-        vae_log = train_vae(components, vae_steps, max(8, batch // 2), seed, bar)
-    for p in components.vae.parameters():
-        p.requires_grad_(False)
-    with tqdm(total=unet_steps, desc="unet+text", disable=not show_progress) as bar:
-        unet_log = train_unet(components, unet_steps, batch, seed, dataset_size, bar)
-    info = {
-        "model": "tiny-shapes",
-        "seed": seed,
-        "vae_steps": vae_steps,
-        "unet_steps": unet_steps,
-        "batch": batch,
-        "dataset_size": dataset_size,
-        "vae": vae_log,
-        "unet": unet_log,
-        "default_guidance_scale": DEFAULT_GUIDANCE,
-        "train_seconds": round(time.time() - started, 1),
-        "torch": torch.__version__,
-    }
-    save_pipeline(components, out, info=info)
-    return info
+
+def calibration_prompts(count: int, seed: int = 0) -> list[str]:
+    """Random captions from the grammar (seed-dependent: the benchmarks hold out other seeds)."""
+    return [scene.caption for scene in random_scenes(count, torch.Generator().manual_seed(seed))]

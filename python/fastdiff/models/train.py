@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.model == "tiny-shapes":
-        from .tiny_shapes import train
+        from .training.tiny_shapes import train
 
         info = train(
             args.out,
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             show_progress=not args.quiet,
         )
     else:
-        from .digits import train
+        from .training.digits import train
 
         info = train(
             args.out,

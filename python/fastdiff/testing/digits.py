@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ..models.digits import DigitsClassifier, load_classifier, load_data
-from ..models.registry import engines_dir
+from ..models.loading import engines_dir
 
 
 def _as_tensor(images) -> torch.Tensor:
