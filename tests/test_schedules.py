@@ -28,6 +28,34 @@ def test_betas_and_alphas_cumprod_match_diffusers_bit_for_bit(config, diffusers)
     assert np.array_equal(sched.alphas_cumprod, ref.alphas_cumprod.numpy().astype(np.float64))
 
 
+@pytest.mark.parametrize("config", BETA_CONFIGS)
+def test_diffusers_float32_tables_match_diffusers_bit_for_bit(config, diffusers):
+    tables = DiscreteSchedule.from_config(config).diffusers_float32_tables
+    ddpm = diffusers.DDPMScheduler(**config)
+    dpm = diffusers.DPMSolverMultistepScheduler(**config)
+    for name, ref in (
+        ("alphas_cumprod", ddpm.alphas_cumprod),
+        ("ve_sigmas", dpm.sigmas),
+        ("lambdas", dpm.lambda_t),
+    ):
+        assert tables[name].dtype == np.float32, name
+        assert np.array_equal(tables[name], ref.numpy()), name
+
+
+def test_diffusers_float32_tables_are_computed_once_and_read_only(sd_schedule):
+    tables = sd_schedule.diffusers_float32_tables
+    assert sd_schedule.diffusers_float32_tables is tables
+    for name, table in tables.items():
+        assert not table.flags.writeable, name
+
+
+def test_t_of_ve_sigma_f32_is_diffusers_sigma_to_t(sd_schedule, diffusers):
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(SD_CONFIG)
+    log_sigmas = np.log(ref.sigmas.numpy())
+    sigmas = np.exp(np.linspace(np.log(0.03), np.log(14.0), 37))
+    assert np.array_equal(sd_schedule.t_of_ve_sigma_f32(sigmas), ref._sigma_to_t(sigmas, log_sigmas))
+
+
 def test_tables_are_consistent_vp_quantities(sd_schedule):
     s = sd_schedule
     assert np.allclose(s.alpha_table**2 + s.sigma_table**2, 1.0, atol=1e-15)

@@ -8,7 +8,12 @@ The betas and ᾱ are produced exactly as diffusers produces them (float32 torch
 bit): those float32 values are the noise levels the model was trained with. Everything derived
 from them (α, σ, λ, solver coefficients) is float64. Continuous times interpolate λ linearly between the integer
 training timesteps, which is the same rule as diffusers' ``_sigma_to_t`` (log-sigma
-interpolation), so ``t_of_lambda`` inverts it exactly.
+interpolation), so ``t_of_lambda`` inverts it exactly. Where diffusers defines a grid by its own
+float32 tables (Karras sigmas, lambda clipping), ``diffusers_float32_tables`` and
+``t_of_ve_sigma_f32`` reproduce them.
+
+The module-level functions relate the quantities of one latent: VE sigma to (α, σ), log-SNR,
+and the prediction-type conversions between a model's raw output, x̂_0 and ε̂.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +234,21 @@ class DiscreteSchedule:
             f"prediction_type={self.prediction_type!r}, {self.fingerprint})"
         )
 
+    # ---------------------------------------------------------------- diffusers' float32 tables
+    @cached_property
+    def diffusers_float32_tables(self) -> dict[str, np.ndarray]:
+        """diffusers' float32 ᾱ, VE sigmas and log-SNR (read-only; computed once per schedule),
+        for the places where its grids (Karras sigmas, lambda clipping) are defined by them."""
+        import torch
+
+        ac = torch.from_numpy(self.alphas_cumprod.astype(np.float32))
+        ve = ((1 - ac) / ac) ** 0.5
+        lam = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
+        tables = {"alphas_cumprod": ac.numpy(), "ve_sigmas": ve.numpy(), "lambdas": lam.numpy()}
+        for table in tables.values():
+            table.setflags(write=False)
+        return tables
+
     # ---------------------------------------------------------------- continuous time
     def _check_t(self, t: np.ndarray) -> np.ndarray:
         t = np.asarray(t, dtype=np.float64)
@@ -271,6 +292,17 @@ class DiscreteSchedule:
         """Inverse of ``ve_sigma`` (diffusers' ``_sigma_to_t``)."""
         return self.t_of_lambda(-np.log(np.asarray(ve_sigma, dtype=np.float64)))
 
+    def t_of_ve_sigma_f32(self, ve_sigma) -> np.ndarray:
+        """``t_of_ve_sigma`` as diffusers computes it: log-sigma interpolation over its float32
+        table of VE sigmas (diffusers' ``_sigma_to_t``), for grids diffusers defines that way."""
+        log_table = np.log(self.diffusers_float32_tables["ve_sigmas"])
+        log_sigma = np.log(np.maximum(np.asarray(ve_sigma, dtype=np.float64), 1e-10))
+        dists = log_sigma - log_table[:, None]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
+        lo_val, hi_val = log_table[low], log_table[low + 1]
+        w = np.clip((lo_val - log_sigma) / (lo_val - hi_val), 0, 1)
+        return (1 - w) * low + w * (low + 1)
+
     def t_of_alpha(self, alpha) -> np.ndarray:
         """Inverse of ``alpha``."""
         a2 = np.asarray(alpha, dtype=np.float64) ** 2
@@ -280,3 +312,34 @@ class DiscreteSchedule:
         """Inverse of ``sigma``."""
         s2 = np.asarray(sigma, dtype=np.float64) ** 2
         return self.t_of_lambda(0.5 * np.log((1.0 - s2) / s2))
+
+
+# -------------------------------------------------------------------- one latent's quantities
+def vp_from_ve(ve_sigma: float) -> tuple[float, float]:
+    """(α, σ) of the VP latent whose diffusers "sigma" (σ/α) is ve_sigma."""
+    alpha = 1.0 / np.sqrt(ve_sigma**2 + 1.0)
+    return float(alpha), float(ve_sigma * alpha)
+
+
+def log_snr(alpha: float, sigma: float) -> float:
+    """λ = log α − log σ (+inf at σ = 0, the clean end of a plan)."""
+    with np.errstate(divide="ignore"):
+        return float(np.log(alpha) - np.log(sigma))
+
+
+def data_prediction(raw, x, alpha: float, sigma: float, prediction_type: str):
+    """x̂_0 from the raw output at latent x with x = α·x_0 + σ·ε (v = α·ε − σ·x_0)."""
+    if prediction_type == "epsilon":
+        return (x - sigma * raw) / alpha
+    if prediction_type == "v_prediction":
+        return alpha * x - sigma * raw
+    return raw
+
+
+def noise_prediction(raw, x, alpha: float, sigma: float, prediction_type: str):
+    """ε̂ from the raw output at latent x."""
+    if prediction_type == "epsilon":
+        return raw
+    if prediction_type == "v_prediction":
+        return alpha * raw + sigma * x
+    return (x - alpha * raw) / sigma

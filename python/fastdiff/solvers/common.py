@@ -1,5 +1,5 @@
-"""What every solver module shares: the symbolic trace, prediction conversions, timestep spacings,
-diffusers' float32 grids, and option resolution with diffusers' precedence.
+"""What every solver module shares: the symbolic trace, timestep spacings, Karras sigmas, and
+option resolution with diffusers' precedence (schedule math lives in ``fastdiff.schedules``).
 
 A solver is written like the diffusers loop it reproduces, but its latents are coefficient
 vectors over the basis (x_T, out_0, ..., out_{N-1}) instead of tensors. Every update is linear
@@ -103,37 +103,6 @@ def _jsonable(options: Mapping[str, Any]) -> dict:
     return {key: plain(value) for key, value in options.items()}
 
 
-# ---------------------------------------------------------------------------- conversions
-def data_prediction(raw, x, alpha: float, sigma: float, prediction_type: str):
-    """x̂_0 from the raw output at latent x with x = α·x_0 + σ·ε (v = α·ε − σ·x_0)."""
-    if prediction_type == "epsilon":
-        return (x - sigma * raw) / alpha
-    if prediction_type == "v_prediction":
-        return alpha * x - sigma * raw
-    return raw
-
-
-def noise_prediction(raw, x, alpha: float, sigma: float, prediction_type: str):
-    """ε̂ from the raw output at latent x."""
-    if prediction_type == "epsilon":
-        return raw
-    if prediction_type == "v_prediction":
-        return alpha * raw + sigma * x
-    return (x - alpha * raw) / sigma
-
-
-def vp_from_ve(ve_sigma: float) -> tuple[float, float]:
-    """(α, σ) of the VP latent whose diffusers "sigma" (σ/α) is ve_sigma."""
-    alpha = 1.0 / np.sqrt(ve_sigma**2 + 1.0)
-    return float(alpha), float(ve_sigma * alpha)
-
-
-def log_snr(alpha: float, sigma: float) -> float:
-    """λ = log α − log σ (+inf at σ = 0, the clean end of a plan)."""
-    with np.errstate(divide="ignore"):
-        return float(np.log(alpha) - np.log(sigma))
-
-
 # ---------------------------------------------------------------------------- timestep grids
 def check_steps(solver: str, steps: Any, schedule: DiscreteSchedule) -> int:
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
@@ -176,38 +145,11 @@ def n_plus_one_timesteps(num_train: int, last: int, steps: int, spacing: str, of
     raise SolverError(f"unknown timestep_spacing {spacing!r}: expected leading, trailing or linspace")
 
 
-def diffusers_float32_tables(schedule: DiscreteSchedule) -> dict[str, np.ndarray]:
-    """diffusers' float32 ᾱ, VE sigmas and log-SNR, for the places where its grids (Karras
-    sigmas, lambda clipping) are defined by them; cached on the schedule."""
-    cached = getattr(schedule, "_diffusers_f32", None)
-    if cached is None:
-        import torch
-
-        ac = torch.from_numpy(schedule.alphas_cumprod.astype(np.float32))
-        ve = ((1 - ac) / ac) ** 0.5
-        lam = torch.log(torch.sqrt(ac)) - torch.log(torch.sqrt(1 - ac))
-        cached = {"alphas_cumprod": ac.numpy(), "ve_sigmas": ve.numpy(), "lambdas": lam.numpy()}
-        schedule._diffusers_f32 = cached
-    return cached
-
-
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ."""
     ramp = np.linspace(0, 1, steps)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (hi + ramp * (lo - hi)) ** rho
-
-
-def t_of_sigma_f32(schedule: DiscreteSchedule, sigmas: np.ndarray) -> np.ndarray:
-    """Fractional timesteps of VE sigmas by log-sigma interpolation over diffusers' float32
-    table (diffusers' ``_sigma_to_t``; the same rule as ``DiscreteSchedule.t_of_ve_sigma``)."""
-    log_table = np.log(diffusers_float32_tables(schedule)["ve_sigmas"])
-    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
-    dists = log_sigma - log_table[:, None]
-    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_table.shape[0] - 2)
-    lo_val, hi_val = log_table[low], log_table[low + 1]
-    w = np.clip((lo_val - log_sigma) / (lo_val - hi_val), 0, 1)
-    return (1 - w) * low + w * (low + 1)
 
 
 # ---------------------------------------------------------------------------- options

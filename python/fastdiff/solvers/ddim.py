@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedules import DiscreteSchedule
+from ..schedules import DiscreteSchedule, data_prediction, noise_prediction
 from .common import (
     NONLINEAR,
     Trace,
     check_grid,
     check_steps,
-    data_prediction,
     n_point_timesteps,
-    noise_prediction,
     refuse,
     resolve_options,
 )

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedules import DiscreteSchedule
+from ..schedules import DiscreteSchedule, noise_prediction, vp_from_ve
 from .common import (
     NONLINEAR,
     Trace,
     check_steps,
     multistep_order,
-    noise_prediction,
     refuse,
     resolve_options,
-    vp_from_ve,
 )
 from .dpmpp import multistep_grid
 

@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedules import DiscreteSchedule
+from ..schedules import DiscreteSchedule, data_prediction, log_snr, noise_prediction, vp_from_ve
 from .common import (
     NONLINEAR,
     SolverError,
     Trace,
     check_grid,
     check_steps,
-    data_prediction,
-    diffusers_float32_tables,
     karras_sigmas,
-    log_snr,
     multistep_order,
     n_plus_one_timesteps,
-    noise_prediction,
     refuse,
     resolve_options,
-    t_of_sigma_f32,
-    vp_from_ve,
 )
 
 DEFAULTS = {
@@ -48,7 +42,7 @@ DEFAULTS = {
 def multistep_grid(schedule: DiscreteSchedule, steps: int, opts: dict, name: str, *, round_karras: bool = True):
     """Timesteps and VE sigmas (without the final one) shared by DPM-Solver, UniPC and DEIS."""
     num_train = schedule.num_train_timesteps
-    tables = diffusers_float32_tables(schedule)
+    tables = schedule.diffusers_float32_tables
     clip = opts.get("lambda_min_clipped", -float("inf"))
     clipped = int(np.searchsorted(tables["lambdas"][::-1], clip, side="left"))
     last = num_train - clipped
@@ -58,7 +52,7 @@ def multistep_grid(schedule: DiscreteSchedule, steps: int, opts: dict, name: str
         lo = opts.get("sigma_min") if opts.get("sigma_min") is not None else float(table32[0])
         hi = opts.get("sigma_max") if opts.get("sigma_max") is not None else float(table32[-1])
         sigmas = karras_sigmas(lo, hi, steps)
-        timesteps = t_of_sigma_f32(schedule, sigmas)
+        timesteps = schedule.t_of_ve_sigma_f32(sigmas)
         if round_karras:
             timesteps = timesteps.round()
         timesteps = timesteps.astype(np.int64).astype(np.float64)  # diffusers casts to int64

@@ -11,11 +11,9 @@ from .common import (
     Trace,
     check_grid,
     check_steps,
-    diffusers_float32_tables,
     karras_sigmas,
     refuse,
     resolve_options,
-    t_of_sigma_f32,
 )
 
 DEFAULTS = {
@@ -47,7 +45,7 @@ def _grid(schedule: DiscreteSchedule, steps: int, opts: dict) -> tuple[np.ndarra
         timesteps = np.arange(num_train, 0, -ratio).round().copy().astype(np.float32) - 1
     else:
         raise SolverError(f"euler: unknown timestep_spacing {spacing!r}: expected leading, trailing or linspace")
-    table32 = diffusers_float32_tables(schedule)["ve_sigmas"]
+    table32 = schedule.diffusers_float32_tables["ve_sigmas"]
     if opts["interpolation_type"] == "linear":
         # Fractional ("linspace") timesteps get the linear interpolation of σ between neighbours.
         sigmas = np.interp(timesteps, np.arange(num_train), schedule.ve_sigma_table)
@@ -58,7 +56,7 @@ def _grid(schedule: DiscreteSchedule, steps: int, opts: dict) -> tuple[np.ndarra
         lo = opts["sigma_min"] if opts["sigma_min"] is not None else float(grid32[-1])
         hi = opts["sigma_max"] if opts["sigma_max"] is not None else float(grid32[0])
         sigmas = karras_sigmas(lo, hi, steps)
-        timesteps = t_of_sigma_f32(schedule, sigmas).astype(np.float32)
+        timesteps = schedule.t_of_ve_sigma_f32(sigmas).astype(np.float32)
     if opts["final_sigmas_type"] == "zero":
         last = 0.0
     elif opts["final_sigmas_type"] == "sigma_min":

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..schedules import DiscreteSchedule
+from ..schedules import DiscreteSchedule, data_prediction, log_snr, noise_prediction, vp_from_ve
 from .common import (
     NONLINEAR,
     SolverError,
     Trace,
     check_steps,
-    data_prediction,
-    log_snr,
-    noise_prediction,
     refuse,
     resolve_options,
-    vp_from_ve,
 )
 from .dpmpp import final_sigma, multistep_grid
 
