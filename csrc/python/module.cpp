@@ -1,15 +1,17 @@
 // pybind11 binding fastdiff._C: the only file that knows about Python. It exposes the C++ plan
-// reader, the CPU reference lincomb and the CPU sampling loop (fastdiff::Sampler) over NumPy
-// arrays; a Python callable serves as the Denoiser (no torch dependency at build time).
+// reader and the CPU sampling loop (fastdiff::Sampler, the loop 'cpp' of fastdiff.loops) over
+// NumPy arrays; a Python callable serves as the Denoiser (no torch dependency at build time).
+// It checks arguments, dispatches and converts errors; nothing else.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <iterator>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "fastdiff/lincomb.h"
 #include "fastdiff/plan.h"
 #include "fastdiff/sampler.h"
 
@@ -33,31 +35,6 @@ py::dict plan_to_dict(const fastdiff::StepPlan& plan) {
   out["num_train_timesteps"] =
       plan.num_train_timesteps > 0 ? py::object(py::int_(plan.num_train_timesteps)) : py::object(py::none());
   return out;
-}
-
-template <typename T>
-void lincomb_typed(py::array dst_any, const std::vector<py::array>& srcs_any, const std::vector<double>& coefs) {
-  auto dst = py::array_t<T, py::array::c_style>::ensure(dst_any);
-  if (!dst || !dst_any.writeable() || !(dst_any.flags() & py::array::c_style))
-    throw py::value_error("lincomb: dst must be a writeable C-contiguous array");
-  std::vector<py::array_t<T, py::array::c_style>> keep;
-  std::vector<const T*> ptrs;
-  for (size_t j = 0; j < srcs_any.size(); ++j) {
-    const py::array& s = srcs_any[j];
-    if (s.dtype().not_equal(dst_any.dtype()))
-      throw py::value_error("lincomb: srcs[" + std::to_string(j) + "] has dtype " +
-                            std::string(py::str(s.dtype())) + " but dst has " + std::string(py::str(dst_any.dtype())));
-    if (s.size() != dst_any.size())
-      throw py::value_error("lincomb: srcs[" + std::to_string(j) + "] has " + std::to_string(s.size()) +
-                            " elements but dst has " + std::to_string(dst_any.size()));
-    if (!(s.flags() & py::array::c_style))
-      throw py::value_error("lincomb: srcs[" + std::to_string(j) + "] must be C-contiguous");
-    keep.push_back(py::array_t<T, py::array::c_style>::ensure(s));
-    ptrs.push_back(keep.back().data());
-  }
-  T* out = dst.mutable_data();
-  py::gil_scoped_release release;
-  fastdiff::lincomb<T>(out, ptrs.data(), coefs.data(), coefs.size(), static_cast<size_t>(dst_any.size()));
 }
 
 using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -110,6 +87,47 @@ class PyDenoiser : public fastdiff::Denoiser {
   py::function fn_;
 };
 
+// GateOptions from fastdiff.gate.GateSpec.to_dict(): exactly its four keys.
+fastdiff::GateOptions gate_from_dict(const py::object& gate, const std::string& method) {
+  if (!py::isinstance<py::dict>(gate))
+    throw py::type_error(method + ": gate must be GateSpec.to_dict() (a dict) or None");
+  const auto g = gate.cast<py::dict>();
+  const char* keys[] = {"delta", "max_skips", "warmup", "per_sample"};
+  for (auto item : g) {
+    const std::string key = py::str(item.first);
+    if (std::find(std::begin(keys), std::end(keys), key) == std::end(keys))
+      throw py::value_error(method + ": unknown gate option '" + key + "' (GateSpec.to_dict() has delta, max_skips, "
+                            "warmup, per_sample)");
+  }
+  for (const char* key : keys)
+    if (!g.contains(key)) throw py::value_error(method + ": gate option '" + key + "' is missing (pass GateSpec.to_dict())");
+  fastdiff::GateOptions o;
+  o.delta = g["delta"].cast<double>();
+  o.max_skips = g["max_skips"].cast<int>();
+  o.warmup = g["warmup"].cast<int>();
+  o.per_sample = g["per_sample"].cast<bool>();
+  fastdiff::check_gate(method.c_str(), o);
+  return o;
+}
+
+// The gate's decisions for a sequence of statistics: stats [K, G] (the statistic after call k
+// for each decision group) -> flags [K, G], flags[k] deciding call k + 1 (what the sampler does
+// between calls; for holding the rule identical across implementations).
+py::array_t<int8_t> gate_decisions(py::array_t<float, py::array::c_style | py::array::forcecast> stats,
+                                   const py::object& gate) {
+  if (!stats || stats.ndim() != 2) throw py::value_error("gate_decisions: stats must be a float32 array [calls, groups]");
+  const fastdiff::GateOptions options = gate_from_dict(gate, "gate_decisions");
+  const auto calls = stats.shape(0), groups = stats.shape(1);
+  fastdiff::GateState state(options, static_cast<size_t>(groups));
+  py::array_t<int8_t> flags({calls, groups});
+  for (py::ssize_t k = 0; k < calls; ++k) {
+    const std::vector<float> d(stats.data(k, 0), stats.data(k, 0) + groups);
+    const std::vector<char> skip = state.observe(d);
+    std::copy(skip.begin(), skip.end(), flags.mutable_data(k, 0));
+  }
+  return flags;
+}
+
 // x_T as a float32 C-contiguous array (kept alive by the caller) and the request over it.
 fastdiff::SampleRequest request_for(const FloatArray& x_T, const char* method) {
   if (!x_T || x_T.ndim() < 2)
@@ -148,15 +166,7 @@ py::dict run_sampler(const fastdiff::Sampler& sampler, py::function fn, py::arra
   }
   fastdiff::GateOptions gate_options;
   if (!gate.is_none()) {
-    auto g = gate.cast<py::dict>();
-    for (auto item : g) {
-      const std::string key = py::str(item.first);
-      if (key == "delta") gate_options.delta = item.second.cast<double>();
-      else if (key == "max_skips") gate_options.max_skips = item.second.cast<int>();
-      else if (key == "warmup") gate_options.warmup = item.second.cast<int>();
-      else if (key == "per_sample") gate_options.per_sample = item.second.cast<bool>();
-      else throw py::value_error("Sampler.run: unknown gate option '" + key + "' (delta, max_skips, warmup, per_sample)");
-    }
+    gate_options = gate_from_dict(gate, "Sampler.run");
     req.gate = &gate_options;
   }
   if (!callback.is_none()) {
@@ -206,7 +216,7 @@ py::array run_identity(const fastdiff::Sampler& sampler, py::array x_T_any, py::
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdiff C++ core: StepPlan file reader/validator and the CPU reference lincomb";
+  m.doc() = "fastdiff C++ core: the StepPlan file reader/validator and the CPU sampling loop";
 
   // C++ PlanError surfaces as fastdiff.plan.PlanError with the same code and message.
   py::register_exception_translator([](std::exception_ptr p) {
@@ -223,20 +233,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("text"), "Parse and validate StepPlan JSON text; returns a dict. Raises PlanError.");
   m.def("load_plan", [](const std::string& path) { return plan_to_dict(fastdiff::load_plan(path)); },
         py::arg("path"), "Read, parse and validate a StepPlan file; returns a dict. Raises PlanError.");
-  m.def(
-      "lincomb",
-      [](py::array dst, const std::vector<py::array>& srcs, const std::vector<double>& coefs) {
-        if (srcs.size() != coefs.size())
-          throw py::value_error("lincomb: " + std::to_string(srcs.size()) + " srcs but " +
-                                std::to_string(coefs.size()) + " coefs");
-        if (dst.dtype().equal(py::dtype::of<float>())) return lincomb_typed<float>(dst, srcs, coefs);
-        if (dst.dtype().equal(py::dtype::of<double>())) return lincomb_typed<double>(dst, srcs, coefs);
-        throw py::value_error("lincomb: dtype " + std::string(py::str(dst.dtype())) +
-                              " is not supported by the CPU reference (float32, float64)");
-      },
-      py::arg("dst"), py::arg("srcs"), py::arg("coefs"),
-      "dst[i] = sum_j coefs[j] * srcs[j][i], accumulated in double; dst may be one of srcs.");
-
   py::register_exception<fastdiff::SamplerError>(m, "SamplerError", PyExc_RuntimeError);
 
   py::class_<fastdiff::Sampler>(m, "Sampler",
@@ -251,10 +247,14 @@ PYBIND11_MODULE(_C, m) {
       .def("run", &run_sampler, py::arg("fn"), py::arg("x_T"), py::arg("guidance") = py::none(),
            py::arg("gate") = py::none(), py::arg("callback") = py::none(),
            "Sample: fn(x, t, index) -> raw output ([uncond; cond] with guidance). Returns a dict with "
-           "latents, nfe, unet_calls, skipped. gate: dict(delta, max_skips, warmup, per_sample) or None.")
+           "latents, nfe, unet_calls, skipped. gate: fastdiff.gate.GateSpec.to_dict() or None.")
       .def("run_identity", &run_identity, py::arg("x_T"), py::arg("guidance") = py::none(),
            "Sample with a C++ model that returns its input (a float guidance scale or None): the loop's own "
            "cost, with no Python in it. Returns the latents.");
+
+  m.def("gate_decisions", &gate_decisions, py::arg("stats"), py::arg("gate"),
+        "The C++ gate's skip flags int8 [K, G] for statistics float32 [K, G] (row k: after call k, deciding "
+        "call k + 1); gate: GateSpec.to_dict().");
 
   m.attr("PLAN_VERSION") = fastdiff::kPlanVersion;
   m.attr("PLAN_FORMAT") = fastdiff::kPlanFormat;

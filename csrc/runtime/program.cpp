@@ -1,5 +1,5 @@
 // Executor programs: the dense construction and the re-expansion check (the C++ twin of
-// fastdiff.recurrent._reexpansion_error, applied to the fused-step tables).
+// fastdiff.program._verify).
 #include "fastdiff/program.h"
 
 #include <algorithm>
@@ -10,7 +10,7 @@
 namespace fastdiff {
 namespace {
 
-constexpr double kVerifyTol = 1e-8;  // relative to max|coef|, as fastdiff.recurrent.VERIFY_TOL
+constexpr double kVerifyTol = 1e-8;  // relative to max|coef|, as fastdiff.program.VERIFY_TOL
 constexpr int64_t kMinWidth = 8;     // as fastdiff.ops.step.MIN_WIDTH
 
 [[noreturn]] void fail(const std::string& message) { throw PlanError("program", "plan program: " + message); }

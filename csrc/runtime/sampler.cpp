@@ -1,7 +1,7 @@
-// CPU sampling loop. Mirrors fastdiff.executor.run_fused (+ FusedState.loop without a gate) and
+// CPU sampling loop (the loop 'cpp' of fastdiff.loops). Mirrors fastdiff.loops.reference and
 // fastdiff.ops.step.fused_step_reference: float32 arithmetic in torch's operation order
 //   g = u + w·(c − u);  row = gcoef·g, then row = row + coef_j·basis[src_j] for each column j
-// so that, given the same model outputs, the latents agree with the Python executor's to float32
+// so that, given the same model outputs, the latents agree with the reference loop's to float32
 // rounding of the gate statistic's mean (the only reduction, used only for skip decisions).
 #include "fastdiff/sampler.h"
 
@@ -18,27 +18,6 @@
 namespace fastdiff {
 namespace {
 
-// The gate's state (fastdiff.gate.AdaptiveGate after start()), one entry per decision group.
-struct GateState {
-  GateOptions opt;
-  std::vector<float> d1, d2;
-  std::vector<int> run;
-  int calls = 1;  // call 0 is always made
-
-  GateState(const GateOptions& o, size_t groups) : opt(o), d1(groups, 0.0f), d2(groups, 0.0f), run(groups, 0) {}
-
-  // observe_stat: the skip flags for the next call from d (float32 per group).
-  std::vector<char> observe(const std::vector<float>& d) {
-    const bool active = calls >= std::max(3, opt.warmup);
-    ++calls;
-    const float threshold_scale = static_cast<float>(2.0 * opt.delta);
-    std::vector<char> skip(d.size(), 0);
-    for (size_t g = 0; g < d.size(); ++g)
-      skip[g] = fd_gate_observe(d[g], d1[g], d2[g], run[g], active, threshold_scale, opt.max_skips);
-    return skip;
-  }
-};
-
 void check_request(const SampleRequest& r) {
   if (r.x_T == nullptr) throw SamplerError("sample: x_T is null");
   check_sample_shape("sample", r.batch, r.sample_shape);
@@ -47,6 +26,18 @@ void check_request(const SampleRequest& r) {
 }
 
 }  // namespace
+
+GateState::GateState(const GateOptions& options, size_t groups)
+    : opt(options), d1(groups, 0.0f), d2(groups, 0.0f), run(groups, 0) {}
+
+std::vector<char> GateState::observe(const std::vector<float>& d) {
+  const bool active = fd_gate_active(call++, opt.warmup);
+  const float threshold_scale = static_cast<float>(2.0 * opt.delta);
+  std::vector<char> skip(d.size(), 0);
+  for (size_t g = 0; g < d.size(); ++g)
+    skip[g] = fd_gate_observe(d[g], d1[g], d2[g], run[g], active, threshold_scale, opt.max_skips);
+  return skip;
+}
 
 void check_sample_shape(const char* who, int64_t batch, const std::vector<int64_t>& sample_shape) {
   const std::string w(who);

@@ -1,8 +1,8 @@
 // A toy denoiser with a CPU twin and a CUDA twin computing the same float32 values (the same
 // element function, fastdiff/step_math.h roundings), for holding the CUDA runner to the CPU
 // sampler (csrc/tests/test_cuda_sampler.cu) and for timing the runner's modes
-// (csrc/examples/bench_cuda.cu). `kernels` > 1 launches that many kernels per call (the extra
-// ones do small busy work on a scratch buffer), standing in for a UNet's many launches.
+// (csrc/examples/cuda_runner/bench.cu). `kernels` > 1 launches that many kernels per call (the
+// extra ones do small busy work on a scratch buffer), standing in for a UNet's many launches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "fastdiff/cuda_sampler.h"
+#include "cuda_runner/cuda_runner.h"
 #include "fastdiff/sampler.h"
 #include "fastdiff/step_math.h"
 

@@ -1,7 +1,7 @@
-// The CUDA runner against the CPU sampler (same plan, same toy model with a CPU and a CUDA twin):
-// every mode (eager, per-step graphs with the host flag, one graph with conditional nodes), with
-// and without guidance and the gate, batch 3 at an odd sample shape, graph replays, errors named
-// with their call, and one runner per thread.
+// The CUDA runner (the example in csrc/examples/cuda_runner) against the CPU sampler (same plan,
+// same toy model with a CPU and a CUDA twin): every mode (eager, per-step graphs with the host
+// flag, one graph with conditional nodes), with and without guidance and the gate, batch 3 at an
+// odd sample shape, graph replays, errors named with their call, and one runner per thread.
 //
 // The host-side checks (the toy's CPU twin makes the gate skip calls, option errors) run
 // everywhere. Without a CUDA device the device checks cannot run: the test prints why and exits
@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "check.h"
+#include "cuda_runner/cuda_runner.h"
 #include "cuda_toy.cuh"
-#include "fastdiff/cuda_sampler.h"
 #include "fastdiff/plan.h"
 #include "fastdiff/sampler.h"
 

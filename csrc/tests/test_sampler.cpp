@@ -1,6 +1,6 @@
 // The C++ sampling loop on its own (no Python): the plan file's compiled program and the dense
 // program agree, the gate keeps its rules, errors name what failed, and one Sampler serves many
-// threads. Its agreement with the Python executor is tested from Python (tests/test_cpp_runtime.py).
+// threads. Its agreement with the reference loop is tested from Python (tests/test_loops.py).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>

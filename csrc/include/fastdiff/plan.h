@@ -32,11 +32,11 @@ class PlanError : public std::runtime_error {
   std::string code_;
 };
 
-// The executor's program: the fused-step tables of fastdiff.ops.step.StepTables (see
+// The compiled Program: the fused-step tables of fastdiff.program.Program (see
 // fastdiff/program.h). Per call k, at most two basis rows are written, each a combination of the
-// guided model output g and live basis rows; basis row r holds executor slot r + 1.
+// guided model output g and live basis rows.
 struct Program {
-  int64_t num_rows = 0;          // basis rows (latents the executor keeps)
+  int64_t num_rows = 0;          // basis rows (latents the loop keeps)
   int64_t width = 0;             // columns per table row
   int64_t init_row = 0;          // basis[init_row] = init_coef * x_T before call 0
   double init_coef = 1.0;
@@ -63,7 +63,7 @@ struct StepPlan {
   int64_t num_train_timesteps = 0;    // 0 when unknown
   int version = kPlanVersion;
   // The compiled program when the file carries one ("program", written by
-  // StepPlan.save(path, program=True)); parse_plan checks that it re-expands to coef.
+  // fastdiff.program.save); parse_plan checks that it re-expands to coef.
   std::shared_ptr<const Program> program;
 
   size_t num_calls() const { return times.size(); }

@@ -1,9 +1,9 @@
-// The executor's program for a StepPlan (the Program struct is in plan.h).
+// A StepPlan's compiled Program (the struct is in plan.h): the C++ side of fastdiff.program.
 //
-// A plan file written with StepPlan.save(path, program=True) carries the program the Python
-// executor runs (fastdiff.recurrent + fastdiff.ops.step: only the latents the rest of the plan
-// needs). Without one, dense_program builds a program that keeps every basis latent: N + 2 rows
-// (c00·x_T, the N outputs, the current input) — exact, but N + 2 latents of memory.
+// A plan file written by fastdiff.program.save carries the Program every Python loop runs
+// (fastdiff.program.compile: only the latents the rest of the plan needs), checked here by
+// re-expansion. Without one, dense_program builds a program that keeps every basis latent: N + 2
+// rows (c00·x_T, the N outputs, the current input) — exact, but N + 2 latents of memory.
 #pragma once
 
 #include "fastdiff/plan.h"

@@ -1,9 +1,9 @@
 // The sampling loop in C++: a StepPlan's program, a Denoiser, the fused step after every call,
 // classifier-free guidance and AdaptiveDiffusion's step-skipping gate. This is the CPU
-// implementation (float32 latents in host memory); it follows fastdiff.executor.run_fused and
+// implementation (float32 latents in host memory); it follows fastdiff.loops.reference and
 // fastdiff.ops.step.fused_step_reference operation for operation (float32 arithmetic, each
 // product and sum rounded as torch rounds it), so given the same model outputs it returns the
-// Python executor's latents (tests/test_cpp_runtime.py holds them together).
+// reference loop's latents (tests/test_loops.py holds them together).
 #pragma once
 
 #include <array>
@@ -48,13 +48,26 @@ class Denoiser {
   virtual void forward(const DenoiserCall& call) = 0;
 };
 
-// AdaptiveDiffusion's gate (fastdiff.gate.AdaptiveGate): skip call k+1 when
-// |d_k − 2·d_{k−1} + d_{k−2}| <= 2·delta·d_{k−1}, d_k = mean|x^(k+1) − x^(k)|.
+// AdaptiveDiffusion's gate (fastdiff.gate.GateSpec, whose to_dict() has these fields): skip call
+// k+1 when |d_k − 2·d_{k−1} + d_{k−2}| <= 2·delta·d_{k−1}, d_k = mean|x^(k+1) − x^(k)|.
 struct GateOptions {
   double delta = 0.01;
   int max_skips = 4;
   int warmup = 3;
   bool per_sample = true;  // false: one decision for the batch from the batch-mean statistic
+};
+
+// The gate's decision state in a sampling call, one entry per decision group (a sample, or the
+// batch); the rule itself is fd_gate_active/fd_gate_observe (fastdiff/step_math.h).
+struct GateState {
+  GateOptions opt;
+  std::vector<float> d1, d2;  // d_{k-1}, d_{k-2}
+  std::vector<int> run;       // consecutive skips so far
+  int call = 1;               // the model call the next statistic decides (call 0 is always made)
+
+  GateState(const GateOptions& options, size_t groups);
+  // The skip flags for model call `call` from its statistic d (float32 per group).
+  std::vector<char> observe(const std::vector<float>& d);
 };
 
 struct SampleRequest {

@@ -1,6 +1,6 @@
 // The fused step's per-element arithmetic, shared by the CPU sampler (csrc/runtime/sampler.cpp)
-// and its CUDA twin (csrc/cuda/sampler.cu), so both run the same float operations in the same
-// order as torch (fastdiff.ops.step.fused_step_reference):
+// and its CUDA twin (fastdiff/kernels/fused_step.cuh), so both run the same float operations in
+// the same order as torch (fastdiff.ops.step.fused_step_reference):
 //   g = u + w·(c − u)            (classifier-free guidance)
 //   v = gcoef·g;  v = v + coef_j·src_j  for each column j of the program row.
 // Every product and sum is rounded on its own: on the device with __fmul_rn/__fadd_rn/__fsub_rn
@@ -49,10 +49,15 @@ FASTDIFF_HD float fd_guide(float u, float c, float w) { return fd_add(u, fd_mul(
 // One accumulation of a program row: v + coef·src.
 FASTDIFF_HD float fd_axpy(float v, float coef, float src) { return fd_add(v, fd_mul(coef, src)); }
 
-// AdaptiveDiffusion's decision for one group (fastdiff.gate.AdaptiveGate.observe_stat): given the
+// The gate's warm-up, as fastdiff.gate applies it: whether the decision for model call
+// `call` may skip it. Calls 0..warmup-1 are always made, and the rule needs d_{k-2}, so never
+// before call 3 (call 0 always runs). Spelled without std::max so the device can call it.
+FASTDIFF_HD bool fd_gate_active(int call, int warmup) { return call >= (warmup > 3 ? warmup : 3); }
+
+// AdaptiveDiffusion's decision for one group (fastdiff.gate.GateSpec.decide): given the
 // new statistic d and the group's history (d1 = previous, d2 = the one before, run = consecutive
-// skips so far), whether the next call is skipped; updates the history. `active` is false during
-// warm-up. threshold_scale = float(2·delta).
+// skips so far), whether the next call is skipped; updates the history. `active` is
+// fd_gate_active for this call (false during warm-up). threshold_scale = float(2·delta).
 FASTDIFF_HD bool fd_gate_observe(float d, float& d1, float& d2, int& run, bool active, float threshold_scale,
                                  int max_skips) {
   bool skip = false;

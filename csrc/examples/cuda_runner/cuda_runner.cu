@@ -1,12 +1,12 @@
-// The CUDA twin of csrc/runtime/sampler.cpp (see fastdiff/cuda_sampler.h for the modes).
+// The CUDA runner's host side (see cuda_runner.h for the modes and what this example is): device
+// buffers, the program upload, streams, graph capture with conditional nodes, and the launches of
+// the kernels in fastdiff/kernels/fused_step.cuh.
 //
 // Per call k: [model call k] -> step_kernel (guidance, the program's two rows, the per-block
 // partial sums of the gate statistic) -> decide_kernel (the gate's decision for call k+1, written
 // to device memory and, inside one graph, to call k+1's conditional handle).
-// The per-element arithmetic is fastdiff/step_math.h, the same code the CPU loop runs, so given
-// the same model outputs the latents are bit-identical to the CPU sampler's; the statistic's sum
-// runs in double in a different order (a tree per block), which can change a decision only when
-// the float-rounded statistic lands exactly on a rounding boundary.
+#include "cuda_runner.h"
+
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,131 +15,16 @@
 #include <string>
 #include <utility>
 
-#include "fastdiff/cuda_sampler.h"
+#include "fastdiff/kernels/fused_step.cuh"
 #include "fastdiff/program.h"
-#include "fastdiff/step_math.h"
 
 namespace fastdiff {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxBlocksPerSample = 128;
-
 void check(cudaError_t err, const std::string& what) {
   if (err != cudaSuccess)
     throw SamplerError("CUDA error in " + what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
-
-// The gate's state on the device (one decision group: the batch).
-struct GateDev {
-  float d1;
-  float d2;
-  int run;
-  int calls;
-};
-
-// Device pointers and sizes the kernels share.
-struct View {
-  float* basis;         // [num_rows, batch*m]
-  float* raw;           // [(guided ? 2 : 1) * batch, m]
-  float* gout;          // [batch, m] last guided output (gated only)
-  float* w;             // [batch] guidance weights
-  const int* dst;       // [N*2]
-  const float* gcoef;   // [N*2]
-  const int* src;       // [N*2*width]
-  const float* coef;    // [N*2*width]
-  int* skip;            // [N] 1: call k skipped
-  int* status;          // first call with non-finite guided output, or -1
-  double* partial;      // [batch, blocks] gate statistic partial sums
-  GateDev* gate;
-  int64_t m;
-  int64_t bm;
-  int width;
-  int blocks;
-  int steps;
-  bool guided;
-  bool gated;
-};
-
-__global__ void init_kernel(View v, const float* __restrict__ x_T, int init_row, float init_coef) {
-  float* row = v.basis + static_cast<int64_t>(init_row) * v.bm;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < v.bm;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    row[i] = fd_mul(x_T[i], init_coef);
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    for (int k = 0; k < v.steps; ++k) v.skip[k] = 0;
-    *v.status = -1;
-    *v.gate = GateDev{0.0f, 0.0f, 0, 1};  // call 0 is always made
-  }
-}
-
-// grid (blocks, batch): sample b = blockIdx.y, its elements strided over the blocks.
-__global__ void step_kernel(View v, int k, int x_row) {
-  __shared__ double red[kThreads];
-  const int64_t b = blockIdx.y;
-  const bool skipped = v.gated && v.skip[k] != 0;
-  const int dst0 = v.dst[k * 2], dst1 = v.dst[k * 2 + 1];
-  const float gc0 = v.gcoef[k * 2], gc1 = v.gcoef[k * 2 + 1];
-  const int* src0 = v.src + static_cast<int64_t>(k * 2) * v.width;
-  const int* src1 = src0 + v.width;
-  const float* coef0 = v.coef + static_cast<int64_t>(k * 2) * v.width;
-  const float* coef1 = coef0 + v.width;
-  const float wb = v.guided ? v.w[b] : 0.0f;
-  double local = 0.0;
-  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < v.m;
-       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t off = b * v.m + e;
-    float g;
-    if (skipped) {
-      g = v.gout[off];  // the previous guided output
-    } else {
-      const float u = v.raw[off];
-      g = v.guided ? fd_guide(u, v.raw[v.bm + off], wb) : u;
-      if (v.gated) v.gout[off] = g;
-      if (!isfinite(g)) atomicCAS(v.status, -1, k);
-    }
-    // Both rows from the values before this call (each element is read, then written, by one thread).
-    float r0 = 0.0f;
-    if (dst0 >= 0) {
-      r0 = fd_mul(gc0, g);
-      for (int j = 0; j < v.width; ++j)
-        if (src0[j] >= 0) r0 = fd_axpy(r0, coef0[j], v.basis[src0[j] * v.bm + off]);
-    }
-    float r1 = fd_mul(gc1, g);
-    for (int j = 0; j < v.width; ++j)
-      if (src1[j] >= 0) r1 = fd_axpy(r1, coef1[j], v.basis[src1[j] * v.bm + off]);
-    if (v.gated) local += static_cast<double>(fabsf(fd_sub(r1, v.basis[x_row * v.bm + off])));
-    if (dst0 >= 0) v.basis[dst0 * v.bm + off] = r0;
-    v.basis[dst1 * v.bm + off] = r1;
-  }
-  if (!v.gated) return;
-  red[threadIdx.x] = local;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) red[threadIdx.x] += red[threadIdx.x + s];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) v.partial[b * v.blocks + blockIdx.x] = red[0];
-}
-
-// One thread: the batch statistic (per-sample means in double, rounded to float, then their
-// mean, as the CPU sampler with per_sample = false), the gate's decision for call k+1.
-__global__ void decide_kernel(View v, int k, int64_t batch, float threshold_scale, int max_skips, int warmup,
-                              cudaGraphConditionalHandle next, int set_conditional) {
-  double mean = 0.0;
-  for (int64_t b = 0; b < batch; ++b) {
-    double acc = 0.0;
-    for (int i = 0; i < v.blocks; ++i) acc += v.partial[b * v.blocks + i];
-    mean += static_cast<double>(static_cast<float>(acc / static_cast<double>(v.m)));
-  }
-  const float d = static_cast<float>(mean / static_cast<double>(batch));
-  GateDev& g = *v.gate;
-  const bool active = g.calls >= max(3, warmup);
-  ++g.calls;
-  const bool skip = fd_gate_observe(d, g.d1, g.d2, g.run, active, threshold_scale, max_skips);
-  v.skip[k + 1] = skip ? 1 : 0;
-  if (set_conditional) cudaGraphSetConditional(next, skip ? 0u : 1u);
 }
 
 template <typename T>
@@ -237,7 +122,7 @@ struct CudaRunner::Impl {
   std::vector<void*> pinned;  // host allocations
   cudaStream_t stream = nullptr;
   cudaStream_t side = nullptr;  // captures conditional bodies
-  View v{};
+  kernels::View v{};
   float* x_stage = nullptr;  // the run's x_T, copied where the captured init kernel reads it
   float* times = nullptr;  // [N, batch]
   int* h_skip = nullptr;
@@ -291,19 +176,20 @@ struct CudaRunner::Impl {
   }
 
   void launch_init(cudaStream_t s) {
-    const int grid = static_cast<int>(std::min<int64_t>((v.bm + kThreads - 1) / kThreads, 1024));
-    init_kernel<<<grid, kThreads, 0, s>>>(v, x_stage, static_cast<int>(program->init_row),
-                                          static_cast<float>(program->init_coef));
+    const int grid = static_cast<int>(std::min<int64_t>((v.bm + kernels::kThreads - 1) / kernels::kThreads, 1024));
+    kernels::init_kernel<<<grid, kernels::kThreads, 0, s>>>(v, x_stage, static_cast<int>(program->init_row),
+                                                            static_cast<float>(program->init_coef));
     check(cudaGetLastError(), "init_kernel");
   }
 
   // The fused step of call k and, with the gate, the decision for call k+1.
   void launch_step(int k, cudaStream_t s, cudaGraphConditionalHandle next, bool set_conditional) {
-    step_kernel<<<dim3(v.blocks, static_cast<unsigned>(opt.batch)), kThreads, 0, s>>>(v, k, program->x_row[k]);
+    kernels::step_kernel<<<dim3(v.blocks, static_cast<unsigned>(opt.batch)), kernels::kThreads, 0, s>>>(
+        v, k, program->x_row[k]);
     check(cudaGetLastError(), "step_kernel (call " + std::to_string(k) + ")");
     if (opt.gated && k + 1 < steps) {
-      decide_kernel<<<1, 1, 0, s>>>(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta), opt.gate.max_skips,
-                                    opt.gate.warmup, next, set_conditional ? 1 : 0);
+      kernels::decide_kernel<<<1, 1, 0, s>>>(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta),
+                                             opt.gate.max_skips, opt.gate.warmup, next, set_conditional ? 1 : 0);
       check(cudaGetLastError(), "decide_kernel (call " + std::to_string(k) + ")");
     }
   }
@@ -469,12 +355,13 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   d.program = program_for(d.plan);
   const Program& p = *d.program;
   d.steps = static_cast<int>(p.num_steps());
-  View& v = d.v;
+  kernels::View& v = d.v;
   v.m = 1;
   for (int64_t s : o.sample_shape) v.m *= s;
   v.bm = o.batch * v.m;
   v.width = static_cast<int>(p.width);
-  v.blocks = static_cast<int>(std::min<int64_t>((v.m + kThreads - 1) / kThreads, kMaxBlocksPerSample));
+  v.blocks = static_cast<int>(std::min<int64_t>((v.m + kernels::kThreads - 1) / kernels::kThreads,
+                                                 kernels::kMaxBlocksPerSample));
   v.steps = d.steps;
   v.guided = o.guided;
   v.gated = o.gated;
@@ -487,7 +374,7 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   v.skip = device_alloc<int>(d.owned, static_cast<size_t>(d.steps), "skip flags");
   v.status = device_alloc<int>(d.owned, 1, "status");
   v.partial = device_alloc<double>(d.owned, static_cast<size_t>(o.batch) * v.blocks, "gate partial sums");
-  v.gate = device_alloc<GateDev>(d.owned, 1, "gate state");
+  v.gate = device_alloc<kernels::GateDev>(d.owned, 1, "gate state");
 
   // The program's tables, float32 as the CPU loop uses them.
   const size_t rows = p.dst.size(), cells = p.src.size();

@@ -1,7 +1,15 @@
-// The sampling loop on a CUDA device: the CUDA twin of fastdiff::Sampler (sampler.h). The fused
-// step (guidance, the program's two rows, the gate statistic) is one kernel per call built from
-// the same per-element code as the CPU loop (step_math.h); the gate's decision is made by a
-// kernel, so the skip flag never has to leave the device.
+// EXAMPLE, not a product path: an example of driving a fastdiff Program on a CUDA device. It is not
+// part of the fastdiff library (fastdiff_core) nor of the Python package (fastdiff._C); only its
+// ctest (csrc/tests/test_cuda_sampler.cu) and its bench (bench.cu) link it. It has never run on a
+// GPU yet: it has only been compiled (sm_80, sm_90), and its device checks skip without a device.
+// The product loops are in python/fastdiff/loops: reference, graph, and cpp (the CPU C++ Sampler,
+// fastdiff/sampler.h).
+//
+// The runner is the CUDA twin of fastdiff::Sampler. The fused step (guidance, the program's two
+// rows, the gate statistic) is one kernel per call built from the same per-element code as the
+// CPU loop (fastdiff/step_math.h); the gate's decision is made by a kernel, so the skip flag never
+// has to leave the device. The kernels are fastdiff/kernels/fused_step.cuh; this file and
+// cuda_runner.cu are the host side: modes, capture, conditional nodes, streams.
 //
 // A CudaRunner owns one stream, the latents of one request shape and, depending on its mode, the
 // captured graphs:

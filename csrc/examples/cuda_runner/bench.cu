@@ -1,8 +1,9 @@
-// fastdiff_bench_cuda: one sampling call through the CUDA runner in each mode (eager, per-step
-// graphs with the host flag, one graph with conditional nodes), with and without the gate, side
-// by side in one process. The model is the toy denoiser of the tests launching --kernels kernels
-// per call (a stand-in for a UNet's launch count, not its arithmetic), so the differences are the
-// loop's own costs: launches, host synchronisations, graph launches.
+// fastdiff_bench_cuda: one sampling call through the CUDA runner example (cuda_runner.h) in each
+// mode (eager, per-step graphs with the host flag, one graph with conditional nodes), with and
+// without the gate, side by side in one process. The model is the toy denoiser of the tests
+// launching --kernels kernels per call (a stand-in for a UNet's launch count, not its
+// arithmetic), so the differences are the loop's own costs: launches, host synchronisations,
+// graph launches.
 //
 //   fastdiff_bench_cuda --plan tests/data/programs/dpmpp_2m_20.json --json out.json
 //       [--shape 4,64,64] [--batch 2] [--kernels 200] [--repeats 30] [--delta 0.05]
@@ -19,8 +20,8 @@
 #include <string>
 #include <vector>
 
-#include "../tests/cuda_toy.cuh"
-#include "fastdiff/cuda_sampler.h"
+#include "../../tests/cuda_toy.cuh"
+#include "cuda_runner/cuda_runner.h"
 #include "fastdiff/plan.h"
 
 namespace {
