@@ -18,7 +18,7 @@ if compgen -G "wheels/*.whl" > /dev/null; then
 fi
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 $PY -m fastdiff.cli info > "$OUT/info.txt" 2>&1
-$PY -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_fused_step.py tests/test_executor.py \
+$PY -m pytest -q -p no:cacheprovider tests/test_backends.py tests/test_fused_step.py tests/test_loops.py \
   tests/test_gate.py tests/test_engine.py > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests: rc=$?" | tee -a "$OUT/gpu_tests.txt"
 $PY bench/gpu_kernels.py --out "$OUT/gpu_kernels.json" > "$OUT/gpu_kernels.txt" 2>&1

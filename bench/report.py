@@ -6,7 +6,8 @@ Writes <out>/solver_quality.md and <out>/solver_quality.png (error vs NFE, log s
 gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) from the
 tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solvers on held-out
 samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PSNR) and
-<out>/runtime.md (loop overhead per step, Python executor vs the C++ runtime) and
+<out>/runtime.md (loop overhead per step, the Python reference loop vs the C++ loop),
+<out>/parity.md (difference from diffusers' own loops, per solver variant) and
 <out>/timings.md with every benchmark's timing statistics.
 """
 
@@ -36,6 +37,19 @@ def quality_table(rows: list[dict]) -> str:
 
     steps = tuple(sorted({r["steps"] for r in rows}))
     return markdown_table(rows, steps)
+
+
+def program_table(rows: list[dict]) -> str:
+    steps = sorted({r["steps"] for r in rows})
+    lines = ["| solver | " + " | ".join(f"N={n}" for n in steps) + " | max error |", "| --- " * (len(steps) + 2) + "|"]
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = {r["steps"]: r for r in rows if r["label"] == label and "program_rows" in r}
+        if not mine:
+            continue
+        cells = [str(mine[n]["program_rows"]) if n in mine else "—" for n in steps]
+        worst = max(r["program_error"] for r in mine.values())
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {worst:.1e} |")
+    return "\n".join(lines)
 
 
 def quality_plot(rows: list[dict], path: Path) -> None:
@@ -246,6 +260,36 @@ def runtime_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parity_table(benchmarks: list[dict]) -> str:
+    """Per solver variant: cases, and the median / largest final-latent and model-input difference."""
+    import statistics
+
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "solver-parity"]
+    variants: dict[str, list[dict]] = {}
+    for r in rows:
+        key = f"{r['solver']} {json.dumps(r['options'])}" + (
+            " (vs diffusers in float64)" if r["float64_reference"] else ""
+        )
+        variants.setdefault(key, []).append(r)
+    lines = [
+        "| solver, options | cases | result: median | result: max | inputs: max | times equal |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, rs in variants.items():
+        res = [r["result_error"] for r in rs]
+        lines.append(
+            f"| {key} | {len(rs)} | {statistics.median(res):.1e} | {max(res):.1e} | "
+            f"{max(r['input_error'] for r in rs):.1e} | {all(r['times_equal'] for r in rs)} |"
+        )
+    every = sorted(r["result_error"] for r in rows)
+    q = lambda f: every[min(len(every) - 1, int(f * len(every)))]  # noqa: E731
+    lines.append(
+        f"\nAll {len(every)} cases: final latent median {statistics.median(every):.1e}, 10th-90th percentile "
+        f"{q(0.1):.1e}-{q(0.9):.1e}, max {every[-1]:.1e} (relative RMS)."
+    )
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -273,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
             "ODE solution (64-d mixture of 8 Gaussians, SD scaled_linear schedule, ε model, trailing "
             f"spacing, 64 samples). NFE in brackets where it differs from N. Machine: {where}.\n\n"
             + quality_table(rows)
-            + "\n"
+            + "\n\nThe compiled Programs (`fastdiff.program.compile`): latents a loop keeps (the rows; the model's "
+            "output comes on top) at each N, and the largest difference of the re-expanded program from the "
+            "plan's coefficients (relative to max |coef|) over all N.\n\n" + program_table(rows) + "\n"
         )
         (args.out / "solver_quality.md").write_text(text)
         quality_plot(rows, args.out / "solver_quality.png")
@@ -316,14 +362,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.out / 'gate_quality.md'} and {args.out / 'gate_quality.png'}")
     if any(b.get("group") == "runtime-loop-overhead" for b in benchmarks):
         text = (
-            "# Sampling-loop overhead: Python executor vs the C++ runtime\n\nPer step of a 20-step dpmpp_2m plan "
-            "with an identity model (bench/test_runtime_cpu.py): the fused step, bookkeeping and the model-call "
-            "crossing, the model's own time subtracted. cpp-callback calls a Python model from the C++ loop "
-            "(backend='cpp'); cpp-native has no Python at all (a C++ service). Medians, one run, side by side. "
+            "# Sampling-loop overhead: the reference loop (Python) vs the C++ loop\n\nPer step of a 20-step "
+            "dpmpp_2m plan with an identity model (bench/test_runtime_cpu.py): the fused step, bookkeeping and the "
+            "model-call crossing, the model's own time subtracted. python is the reference loop (the default loop "
+            "on the CPU); cpp-callback calls a Python model from the C++ loop (loop='cpp'); cpp-native has no "
+            "Python at all (a C++ service). Medians, one run, side by side. "
             f"Target: C++ ≤ 0.5× Python. Machine: {where}.\n\n{runtime_table(benchmarks)}\n"
         )
         (args.out / "runtime.md").write_text(text)
         print(f"wrote {args.out / 'runtime.md'}")
+    if any(b.get("group") == "solver-parity" for b in benchmarks):
+        text = (
+            "# Parity with diffusers\n\nEach solver variant's plan on the reference loop against the diffusers "
+            "scheduler's own loop (bench/test_parity_cpu.py = tests/test_solver_parity.py's cases): same config, "
+            "steps 4/7/20, leading/trailing/linspace spacing, ε and v (x_0 for five variants), float32 latents "
+            "3x3x5x7, an exact Gaussian-mixture model. Differences are relative RMS of the final latent and the "
+            f"largest over the model inputs. Machine: {where}.\n\n{parity_table(benchmarks)}\n"
+        )
+        (args.out / "parity.md").write_text(text)
+        print(f"wrote {args.out / 'parity.md'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

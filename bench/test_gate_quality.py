@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff.gate import AdaptiveGate
+from fastdiff.gate import GateSpec
 from fastdiff.models.shapes_data import random_scenes
 from fastdiff.testing import shapes_score
 
@@ -54,7 +54,7 @@ def reference(engine):
 def test_gate_calls_saved_vs_fidelity(benchmark, engine, reference, sampler, steps, delta, mode):
     ref, ref_seconds, ref_score = reference(sampler, steps)
     benchmark.group = "gate-quality"
-    gate = AdaptiveGate(delta=delta, max_skips=4, warmup=3, per_sample=mode == "sample")
+    gate = GateSpec(delta=delta, max_skips=4, warmup=3, per_sample=mode == "sample")
     out = benchmark.pedantic(
         engine.sample,
         args=(PROMPTS,),

@@ -1,18 +1,19 @@
-"""Loop overhead per step, Python executor vs the C++ runtime, side by side in one run (CPU).
+"""Loop overhead per step, the reference loop (Python) vs the C++ loop, side by side in one run (CPU).
 
 The model is the identity (its input, twice under guidance: one copy), so what is timed is the
 sampling loop itself: the fused step (guidance + the plan's combinations), the bookkeeping and
 the model-call crossing. 20-step dpmpp_2m plan, CFG batch 2, at tiny-shapes' latent (4x8x8)
 and SD 2.1's 768² latent (4x96x96):
 
-- python:       fastdiff.executor.run_fused (torch reference fused step), identity in torch
-- cpp-callback: fastdiff.runtime.run_fused_cpp, the loop in C++, the model a Python callable
-                (what backend="cpp" does with a torch UNet)
+- python:       fastdiff.loops.reference (the default loop on the CPU: the torch fused step),
+                identity in torch
+- cpp-callback: fastdiff.loops.cpp, the loop in C++, the model a Python callable
+                (what loop="cpp" does with a torch UNet)
 - cpp-native:   the C++ Sampler with a C++ identity model: no Python at all (a C++ service)
 
 overhead/step = (run time − the identity model's own time) / steps; the model's time is measured
 in the same test (python, cpp-callback) or is a memcpy inside the C++ loop (cpp-native, included).
-bench/report.py writes bench/results/runtime.md (the target: C++ ≤ 0.5× the Python executor).
+bench/report.py writes bench/results/runtime.md (the target: C++ ≤ 0.5× the Python loop).
 """
 
 import time
@@ -20,16 +21,15 @@ import time
 import pytest
 import torch
 
-from fastdiff import solvers
-from fastdiff.executor import run_fused
-from fastdiff.runtime import run_fused_cpp, sampler_for, why_unavailable
+from fastdiff import program, solvers
+from fastdiff.loops import cpp, reference
 from fastdiff.schedules import PRESETS, DiscreteSchedule
 
 STEPS = 20
 LATENTS = {"tiny-shapes 4x8x8": (4, 8, 8), "sd21-768 4x96x96": (4, 96, 96)}
 RUNTIMES = ("python", "cpp-callback", "cpp-native")
 
-pytestmark = pytest.mark.skipif(why_unavailable() is not None, reason=f"C++ runtime: {why_unavailable()}")
+pytestmark = pytest.mark.skipif(cpp.why_unavailable() is not None, reason=f"C++ loop: {cpp.why_unavailable()}")
 
 
 def identity(x, t, index):
@@ -52,17 +52,15 @@ def model_time(x_T) -> float:
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_loop_overhead(benchmark, runtime, latent):
     torch.set_num_threads(2)
-    plan = solvers.build_variant("dpmpp_2m", DiscreteSchedule.from_config(PRESETS["sd21"]), STEPS)
+    compiled = program.compile(solvers.build_variant("dpmpp_2m", DiscreteSchedule.from_config(PRESETS["sd21"]), STEPS))
     x_T = torch.randn(2, *LATENTS[latent], generator=torch.Generator().manual_seed(0))
     w = torch.full((2,), 7.5)
     if runtime == "python":
-        fn, args = run_fused, (plan, identity, x_T)
-        kwargs = {"guidance": w, "impl": "torch"}
+        fn, args, kwargs = reference.run, (compiled, identity, x_T), {"guidance": w}
     elif runtime == "cpp-callback":
-        fn, args, kwargs = run_fused_cpp, (plan, identity, x_T), {"guidance": w}
+        fn, args, kwargs = cpp.run, (compiled, identity, x_T), {"guidance": w}
     else:
-        sampler = sampler_for(plan)
-        fn, args, kwargs = sampler.run_identity, (x_T.numpy(), 7.5), {}
+        fn, args, kwargs = cpp.sampler_for(compiled).run_identity, (x_T.numpy(), 7.5), {}
     rounds = 50 if latent.startswith("tiny") else 30
     benchmark.group = "runtime-loop-overhead"
     benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, iterations=1, warmup_rounds=2)

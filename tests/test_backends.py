@@ -8,9 +8,9 @@ import torch
 
 import fastdiff
 from fastdiff.engines import OutOfMemoryError, backends
-from fastdiff.engines.graphs import CaptureError, GraphCache, StaticCall, signature
-
-from .test_executor import forbid_host_reads
+from fastdiff.graphs import CaptureError, GraphCache, StaticCall, signature
+from fastdiff.program import compile as compile_program
+from tests.conftest import cuda_syncs_raise, forbid_host_reads, toy_engine
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
 PROMPTS = ["a red circle on a blue background", "a green square", "two yellow triangles"]
@@ -61,37 +61,29 @@ def test_auto_and_explicit_backends_on_this_machine():
     with pytest.raises(ValueError, match="unknown backend 'trt'"):
         backends.resolve("trt", "cpu")
     rows = {name: (ok, detail) for name, ok, detail in backends.report("cpu")}
-    assert set(rows) == {"eager", "cuda_graph", "compiled", "cpp", "tensorrt", "auto"}
+    assert set(rows) == {"eager", "cuda_graph", "compiled", "tensorrt", "auto"}
     assert rows["eager"][0] and not rows["cuda_graph"][0]
-    from fastdiff.runtime import why_unavailable
-
-    assert rows["cpp"][0] == (why_unavailable("cpu") is None)
-    if torch.cuda.is_available():
-        with pytest.raises(backends.BackendUnavailableError, match="samples on the CPU"):
-            backends.resolve("cpp", "cuda")
+    with pytest.raises(ValueError, match="backend 'cpp' is a loop, not a module backend: use loop='cpp'"):
+        backends.resolve("cpp", "cpu")
     assert rows["auto"][1].startswith("-> eager")
     if torch.cuda.is_available():
         assert backends.resolve("auto", "cuda")[0] in ("compiled", "cuda_graph")
 
 
-def test_info_lists_the_backends():
+def test_info_lists_the_backends_and_the_loops():
     from fastdiff.info import report
 
     text = report()
     for name in ("eager", "cuda_graph", "compiled", "tensorrt", "auto"):
         assert f"backend {name}:" in text
+    for name in ("reference", "graph", "cpp"):
+        assert f"loop {name}:" in text
 
 
 def emulated_engine(**kw):
     """tiny-shapes with the graph cache's buffer semantics (mode "emulate") on the CPU."""
-    from fastdiff.engines import Engine
-    from fastdiff.models.registry import _load_sd_pipeline, _model_info, engines_dir
-
-    path = engines_dir() / "tiny-shapes"
-    pipe = _load_sd_pipeline(path, torch.device("cpu"), torch.float32)
-    guidance = _model_info(path).get("default_guidance_scale", 7.5)
-    return Engine.from_pipeline(
-        pipe, name="tiny-shapes", guidance_scale=guidance, plans_dir=path / "plans", graph_mode="emulate", **kw
+    return fastdiff.build_engine(
+        "tiny-shapes", device="cpu", dtype="float32", backend="eager", graph_mode="emulate", **kw
     )
 
 
@@ -152,7 +144,7 @@ def test_captured_loop_never_reads_the_device_or_copies_to_it(graphed, monkeypat
 
     forbid_host_reads(monkeypatch)
     monkeypatch.setattr(torch, "tensor", refuse)
-    latents = graphed._graphed_loop(plan, denoiser, x_T)
+    latents = graphed.loop.run(compile_program(plan), denoiser, x_T, guidance=denoiser.guidance).latents
     monkeypatch.undo()
     assert graphed.runner.graphs.captures == before
     assert torch.isfinite(latents).all()
@@ -166,12 +158,10 @@ def test_gated_and_callback_runs_use_per_call_graphs(eager, graphed):
     seen = []
     out = graphed.sample(PROMPTS, steps=4, seed=4, callback=lambda k, t, x: seen.append(k))
     assert seen == [0, 1, 2, 3] and close(out.latents, eager.sample(PROMPTS, steps=4, seed=4).latents)
-    unfused = graphed.sample(PROMPTS, steps=4, seed=4, fused=False)  # keeps model outputs: copies
-    assert close(unfused.latents, out.latents)
 
 
 def test_what_cannot_be_captured_runs_without_graphs_with_a_warning(eager, monkeypatch):
-    from fastdiff.engines import graphs
+    from fastdiff import graphs
 
     engine = emulated_engine()
     real = graphs.StaticCall
@@ -235,27 +225,6 @@ class Overflows(torch.nn.Module):
         return (torch.sqrt(h) / self.scale * 0.1,)
 
 
-def toy_engine(unet, dtype, **kw):
-    from fastdiff.engines import Engine
-    from fastdiff.engines.engine import ClassConditioner, PixelDecoder
-    from fastdiff.schedules import DiscreteSchedule
-
-    from .conftest import SD_CONFIG
-
-    return Engine(
-        name="toy",
-        unet=unet.to(dtype),
-        conditioner=ClassConditioner(["0", "1"], 2),
-        decoder=PixelDecoder(3),
-        schedule=DiscreteSchedule.from_config(SD_CONFIG),
-        sample_size=6,
-        device="cpu",
-        dtype=dtype,
-        guidance_scale=1.0,
-        **kw,
-    )
-
-
 def test_float16_overflow_falls_back_to_bfloat16_with_a_warning():
     unet = Overflows()
     engine = toy_engine(unet, torch.float16)
@@ -317,7 +286,7 @@ def test_cuda_graph_backend_matches_eager_on_the_gpu():
     ref = fastdiff.build_engine("tiny-shapes", device="cuda", dtype=torch.float32, backend="eager")
     for kw in (dict(steps=6), dict(steps=6, num_images=2), dict(steps=4, height=48, width=32)):
         a = engine.sample(PROMPTS, seed=0, **kw).latents
-        b = ref.sample(PROMPTS, seed=0, fused=True, **kw).latents
+        b = ref.sample(PROMPTS, seed=0, **kw).latents
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), kw
     assert all(call.graph is not None for call in engine.runner.graphs.graphs.values())
 
@@ -325,8 +294,6 @@ def test_cuda_graph_backend_matches_eager_on_the_gpu():
 @needs_cuda
 def test_captured_loop_has_no_host_sync_on_the_gpu():
     """Zero device->host synchronisations from the first UNet call to the final latent."""
-    from .test_executor import cuda_syncs_raise
-
     engine = fastdiff.build_engine("tiny-shapes", device="cuda", dtype=torch.float32, backend="cuda_graph")
     engine.sample(PROMPTS, steps=5, seed=0)  # capture
     denoiser = engine.denoiser(PROMPTS)
@@ -334,13 +301,5 @@ def test_captured_loop_has_no_host_sync_on_the_gpu():
     plan = engine.plan_for("dpmpp_2m", 5)
     torch.cuda.synchronize()
     with cuda_syncs_raise():
-        latents = engine._graphed_loop(plan, denoiser, x_T)
+        latents = engine.loop.run(compile_program(plan), denoiser, x_T, guidance=denoiser.guidance).latents
     assert torch.isfinite(latents).all()
-
-
-def test_cli_offers_every_backend():
-    from fastdiff.cli import build_parser
-
-    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
-    choices = next(a.choices for a in sample._actions if a.dest == "backend")
-    assert tuple(choices) == backends.CHOICES

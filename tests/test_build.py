@@ -31,13 +31,16 @@ import sys
 sys.modules["fastdiff._C"] = None  # as if the extension were never built
 import torch
 from fastdiff import solvers
-from fastdiff.executor import run
 from fastdiff.info import features
+from fastdiff.loops import reference
+from fastdiff.program import compile
 from fastdiff.schedules import PRESETS, DiscreteSchedule
 plan = solvers.build("dpmpp_2m", DiscreteSchedule.from_config(PRESETS["sd15"]), 5)
-out = run(plan, lambda x, t: torch.zeros_like(x), torch.ones(2, 4))
+out = reference.run(compile(plan), lambda x, t, i: torch.zeros_like(x), torch.ones(2, 4)).latents
 ext = [f for f in features() if f.name.startswith("C++ extension")][0]
 assert not ext.available and "import failed" in ext.detail, ext
+loop = [f for f in features() if f.name == "loop cpp"][0]
+assert not loop.available and "fastdiff._C is not built" in loop.detail, loop
 print("ok", out.shape)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

@@ -56,6 +56,10 @@ def test_errors_exit_with_code_2_and_a_message(capsys):
     assert main(["plan", "ddim", "--steps", "4", "--set", "clip_sample=true"]) == 2
     assert "clip_sample=True is not supported" in capsys.readouterr().err
     assert main(["plan", "nope", "--steps", "4"]) == 2
+    assert main(["plan", "ddim", "--steps", "4", "--set", "karras"]) == 2
+    assert "fastdiff: error: --set expects key=value, got 'karras'" in capsys.readouterr().err
+    assert main(["bench", "gmm", "--solvers", "lms"]) == 2
+    assert "fastdiff: error: unknown solver variant 'lms'" in capsys.readouterr().err
 
 
 def test_bench_gmm_prints_a_table(tmp_path, capsys):
@@ -66,7 +70,18 @@ def test_bench_gmm_prints_a_table(tmp_path, capsys):
     assert len(json.loads(out_json.read_text())) == 4
 
 
-COMMANDS = [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"], ["calibrate"]]
+COMMANDS = [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"], ["calibrate"], ["export"]]
+
+
+def test_choice_lists_come_from_the_registries():
+    from fastdiff import loops, solvers
+    from fastdiff.dtypes import NAMES
+    from fastdiff.engines.backends import CHOICES
+
+    sample = build_parser()._subparsers._group_actions[0].choices["sample"]
+    choices = {a.dest: a.choices for a in sample._actions if a.choices}
+    assert tuple(choices["backend"]) == CHOICES and tuple(choices["loop"]) == loops.CHOICES
+    assert tuple(choices["dtype"]) == NAMES and set(solvers.VARIANTS) | {"olss"} == set(choices["sampler"])
 
 
 @pytest.mark.parametrize("argv", COMMANDS)
@@ -86,7 +101,7 @@ def test_sample_writes_pngs_and_says_where(untrained_shapes_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     written = [tmp_path / "img" / "x-0.png", tmp_path / "img" / "x-1.png"]
     assert f"wrote {written[0]}, {written[1]}" in printed and "3 UNet calls" in printed and "seed 5" in printed
-    assert "backend eager: auto: cpu -> eager" in printed
+    assert "backend eager: auto: cpu -> eager" in printed and "loop reference" in printed
     assert all(Image.open(p).size == (96, 96) for p in written)
 
 
@@ -117,6 +132,8 @@ def test_sample_errors_exit_with_code_2(untrained_shapes_dir, tmp_path, capsys):
     assert "unknown model 'sd15'" in capsys.readouterr().err
     assert main(base + ["--backend", "cuda_graph"]) == 2
     assert "backend 'cuda_graph' is unavailable: CUDA graphs need a CUDA device" in capsys.readouterr().err
+    assert main(base + ["--loop", "graph"]) == 2
+    assert "loop 'graph' is unavailable: the graph loop captures CUDA graphs" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
 
 

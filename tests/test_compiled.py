@@ -10,8 +10,7 @@ import torch
 
 from fastdiff.engines import compiled
 from fastdiff.engines.compiled import MAGIC, CompileCache
-
-from .test_backends import toy_engine
+from tests.conftest import toy_engine
 
 pytestmark = pytest.mark.skipif(
     compiled.why_not_compilable("cpu") is not None or not compiled.supported(),

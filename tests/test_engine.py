@@ -6,7 +6,7 @@ import torch
 
 import fastdiff
 from fastdiff.engines import BackendUnavailableError, NonFiniteError
-from fastdiff.models.registry import ModelNotFoundError
+from fastdiff.models.loading import ModelNotFoundError
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def test_an_explicit_plan_overrides_sampler_and_steps(engine):
         ({"num_images": 0}, ValueError, "num_images must be an integer >= 1"),
         ({"sampler": "lms"}, ValueError, "unknown sampler 'lms'"),
         ({"negative_prompt": ["a", "b"]}, ValueError, "2 negative prompts for 1 prompts"),
-        ({"skip": "always"}, ValueError, "skip must be None, 'adaptive' or an AdaptiveGate"),
-        ({"skip": "adaptive", "fused": False}, ValueError, "skip= needs the fused step"),
+        ({"skip": "always"}, ValueError, "skip must be None, 'adaptive' or a GateSpec"),
+        ({"plan": "missing-plan.json"}, ValueError, "cannot open plan file 'missing-plan.json'"),
     ],
 )
 def test_bad_arguments_name_the_problem(engine, kwargs, error, message):
@@ -126,7 +126,7 @@ def test_missing_shipped_weights_say_how_to_get_them(tmp_path, monkeypatch):
 def test_sd21_without_weights_explains_how_to_provide_them(monkeypatch):
     from fastdiff.models import sd21
 
-    monkeypatch.setattr(sd21, "_sd21_local", lambda: None)
+    monkeypatch.setattr(sd21, "sd21_local", lambda: None)
     with pytest.raises(ModelNotFoundError, match="never downloads.*weights='random'"):
         fastdiff.build_engine("sd21", device="cpu")
     with pytest.raises(ModelNotFoundError, match="no model_index.json"):
@@ -146,16 +146,21 @@ def test_bad_dtype_and_backend_are_refused(untrained_shapes_dir):
         fastdiff.build_engine(untrained_shapes_dir, device="cpu", backend="cuda_graph")
 
 
-def test_the_fused_step_gives_the_executors_latents(engine):
+def test_sample_is_the_engines_loop_on_the_plans_program(engine):
+    from fastdiff.loops import reference
+    from fastdiff.program import compile as compile_program
+
     prompts = ["a red circle on a blue background", "a green square", "two yellow triangles"]
-    plain = engine.sample(prompts, steps=6, seed=5, guidance_scale=2.5)
-    fused = engine.sample(prompts, steps=6, seed=5, guidance_scale=2.5, fused=True)
-    assert fused.nfe == [6, 6, 6] and fused.unet_calls == 6
-    assert torch.allclose(fused.latents, plain.latents, rtol=1e-5, atol=1e-5)
+    out = engine.sample(prompts, steps=6, seed=5, guidance_scale=2.5)
+    assert engine.loop.name == "reference" and out.nfe == [6, 6, 6] and out.unet_calls == 6
+    denoiser = engine.denoiser(prompts, guidance_scale=2.5)
+    x_T = engine.initial_noise(3, seed=5)
+    want = reference.run(compile_program(out.plan), denoiser, x_T, guidance=denoiser.guidance).latents
+    assert torch.equal(out.latents, want)
 
 
 def test_adaptive_skipping_reports_the_calls_made_per_image(engine, monkeypatch):
-    from fastdiff.gate import AdaptiveGate
+    from fastdiff.gate import GateSpec
 
     batches = []
     unet = engine.unet
@@ -167,10 +172,10 @@ def test_adaptive_skipping_reports_the_calls_made_per_image(engine, monkeypatch)
 
     monkeypatch.setattr(unet, "forward", counting)
     prompts = ["a red circle on a blue background", "a green square", "two yellow triangles"]
-    out = engine.sample(prompts, steps=20, seed=1, skip=AdaptiveGate(delta=0.2, max_skips=3))
+    out = engine.sample(prompts, steps=20, seed=1, skip=GateSpec(delta=0.2, max_skips=3))
     assert len(out.nfe) == 3 and all(3 <= n <= 20 for n in out.nfe) and min(out.nfe) < 20
     assert out.unet_calls == len(batches) and sum(batches) == 2 * sum(out.nfe)  # guided: 2 rows per sample
     assert [20 - len(s) for s in out.skipped] == out.nfe
-    again = engine.sample(prompts, steps=20, seed=1, skip=AdaptiveGate(delta=0.2, max_skips=3))
+    again = engine.sample(prompts, steps=20, seed=1, skip=GateSpec(delta=0.2, max_skips=3))
     assert again.nfe == out.nfe and torch.equal(again.latents, out.latents)  # a fresh state per call
     assert engine.sample(prompts[0], steps=20, seed=1, skip="adaptive").nfe[0] <= 20

@@ -39,9 +39,9 @@ def test_service_matches_the_python_engine(tmp_path):
 
     import fastdiff
     from fastdiff.denoisers import GuidedDenoiser
-    from fastdiff.engines.engine import to_pil
-    from fastdiff.executor import run_fused
-    from fastdiff.plan import StepPlan
+    from fastdiff.engines.components import to_pil
+    from fastdiff.loops import reference
+    from fastdiff.program import load
 
     manifest = json.loads((PACKAGE / "package.json").read_text())
     requests, batch = 3, 2
@@ -66,7 +66,7 @@ def test_service_matches_the_python_engine(tmp_path):
     assert summary["failed"] == 0 and summary["requests"] == requests
 
     engine = fastdiff.build_engine("tiny-shapes", device="cpu")
-    plan = StepPlan.load(PACKAGE / "plan.json")
+    compiled = load(PACKAGE / "plan.json")  # the program the package carries, verified
     prompts = load_file(str(PACKAGE / "prompts.safetensors"))
     scale = manifest["prompts"]["guidance_scale"]
     for r in range(requests):
@@ -74,7 +74,7 @@ def test_service_matches_the_python_engine(tmp_path):
         uncond = prompts["uncond"].expand(batch, -1, -1)
         den = GuidedDenoiser(engine.unet, {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}, scale)
         xs = x_T[r * batch : (r + 1) * batch]
-        want = run_fused(plan, den.raw, xs, guidance=den.weights(batch, "cpu")).latents
+        want = reference.run(compiled, den, xs, guidance=den.guidance).latents
         got = load_file(str(out / f"request-{r}.safetensors"))["latents"]
         err = float((got - want).abs().max() / want.abs().max())
         assert err <= 1e-4, f"request {r}: C++ service vs Python engine {err:.2e} relative"
@@ -116,7 +116,7 @@ def test_corrupt_package_and_bad_files(tmp_path):
 
 
 def test_plan_for_another_schedule_is_refused(tmp_path):
-    from fastdiff import solvers
+    from fastdiff import program, solvers
     from fastdiff.schedules import PRESETS, DiscreteSchedule
 
     manifest = json.loads((PACKAGE / "package.json").read_text())
@@ -124,7 +124,7 @@ def test_plan_for_another_schedule_is_refused(tmp_path):
         {**PRESETS["sd21"], "beta_end": 0.02, "prediction_type": manifest["prediction_type"]}
     )
     assert other.fingerprint != manifest["schedule_fingerprint"]
-    solvers.build("ddim", other, 4).save(tmp_path / "plan.json", program=True)
+    program.save(program.compile(solvers.build("ddim", other, 4)), tmp_path / "plan.json")
     proc = serve(PACKAGE, "--out", tmp_path / "out", "--plan", tmp_path / "plan.json", "--requests", 1, check=False)
     assert proc.returncode == 1 and "plan fingerprint does not match the engine" in proc.stderr
 

@@ -1,8 +1,8 @@
 """fastdiff: fast diffusion sampling.
 
-One data representation for every sampler (``fastdiff.plan.StepPlan``), solvers that compile
-to it (``fastdiff.solvers``), one sync-free loop that runs it (``fastdiff.executor``), and
-engines that put a model behind it::
+One data representation for every sampler (``fastdiff.plan.StepPlan``), solvers that produce
+it (``fastdiff.solvers``), one compiled form (``fastdiff.program``), loops that run it behind
+one contract (``fastdiff.loops``), and engines that put a model behind it::
 
     import fastdiff
     engine = fastdiff.build_engine("tiny-shapes")

@@ -7,7 +7,7 @@ DIR holds
   unet.pt2             torch._inductor.aoti_compile_and_package of unet(x, t, encoder_hidden_states)
                        -> raw output, dynamic batch (loaded in C++ by AOTIModelPackageLoader)
   vae.pt2              latents -> images in [-1, 1] (divides by the VAE's scaling factor itself)
-  plan.json            the StepPlan with its compiled program (StepPlan.save(..., program=True))
+  plan.json            the StepPlan with its compiled program as a cache (fastdiff.program.save)
   prompts.safetensors  "cond" [P, L, D] and, with guidance, "uncond" [1, L, D] (float32)
   package.json         the manifest the C++ runtime checks first: torch version and device the
                        packages were built for, shapes, the schedule fingerprint, guidance
@@ -28,6 +28,8 @@ import torch
 
 from .export import _UNet  # unet(sample, timestep, cond) -> raw output, the ONNX export's wrapper
 from .plan import StepPlan
+from .program import compile as compile_program
+from .program import save as save_program
 
 PACKAGE_FORMAT = "fastdiff.aoti"
 PACKAGE_VERSION = 1
@@ -142,7 +144,7 @@ def export_aoti(
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / "prompts.safetensors"), metadata={"prompts": json.dumps(list(prompts))})
-    plan.save(out / "plan.json", program=True)
+    save_program(compile_program(plan), out / "plan.json")
 
     channels, size = engine.decoder.channels, engine.sample_size
     x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0)).to(device)

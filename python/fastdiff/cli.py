@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: sample, info, solvers, plan, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, export, bench."""
 
 from __future__ import annotations
 
@@ -42,32 +42,32 @@ def cmd_solvers(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import solvers
+    from . import program, solvers
 
     options = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"fastdiff plan: --set expects key=value, got {item!r}")
+            raise ValueError(f"--set expects key=value, got {item!r}")
         options[key] = _parse_value(value)
     plan = solvers.build(args.solver, _schedule(args), args.steps, **options)
-    program = plan.recurrent()
+    compiled = program.compile(plan)
     if args.out:
         plan.save(args.out)
         print(f"wrote {args.out}")
     print(
         f"{plan!r}\n  times: {', '.join(f'{t:g}' for t in plan.times)}\n"
-        f"  executor: {program.peak_latents} latents at peak, {program.num_ops} lincomb ops, "
-        f"re-expansion error {program.max_error:.1e}"
+        f"  program: {compiled.num_rows} latents at peak (+ the model output), table width {compiled.width}, "
+        f"re-expansion error {compiled.max_error:.1e}"
     )
     return 0
 
 
 def cmd_sample(args) -> int:
-    from . import build_engine
-    from .gate import AdaptiveGate
+    from .gate import GateSpec
+    from .models.registry import build_engine
 
-    skip = None if args.skip_delta is None else AdaptiveGate(delta=args.skip_delta, max_skips=args.max_skips)
+    skip = None if args.skip_delta is None else GateSpec(delta=args.skip_delta, max_skips=args.max_skips)
 
     engine = build_engine(
         args.model,
@@ -76,6 +76,7 @@ def cmd_sample(args) -> int:
         sampler=args.sampler,
         weights=args.weights,
         backend=args.backend,
+        loop=args.loop,
     )
     out = engine.sample(
         args.prompt,
@@ -104,6 +105,8 @@ def cmd_sample(args) -> int:
     print(f"{engine!r}: {calls} ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
     if args.backend == "auto":
         print(f"backend {engine.backend}: {engine.backend_reason}")
+    if args.loop == "auto":
+        print(f"loop {engine.loop.name}")
     for note in out.notes:
         print(f"note: {note}")
     print("wrote " + ", ".join(written))
@@ -111,8 +114,8 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from . import build_engine
     from .export import ExportError, export_onnx
+    from .models.registry import build_engine
 
     engine = build_engine(args.model, device="cpu", dtype="float32", weights=args.weights)
     if args.format == "aoti":
@@ -165,9 +168,8 @@ def _print_calibration(engine_name: str, steps: int, record: dict) -> None:
 def cmd_calibrate(args) -> int:
     import tempfile
 
-    from . import build_engine
     from .calibration import olss
-    from .models.registry import calibration_prompts
+    from .models.registry import build_engine, calibration_prompts
 
     steps_list = list(dict.fromkeys(args.steps))
     out = Path(args.out)
@@ -215,10 +217,7 @@ def cmd_bench_gmm(args) -> int:
     labels = args.solvers or list(quality.SOLVER_VARIANTS)
     unknown = [label for label in labels if label not in quality.SOLVER_VARIANTS]
     if unknown:
-        raise SystemExit(
-            f"fastdiff bench gmm: unknown solver variant {unknown[0]!r}; "
-            f"choose from {', '.join(quality.SOLVER_VARIANTS)}"
-        )
+        raise ValueError(f"unknown solver variant {unknown[0]!r}: choose from {', '.join(quality.SOLVER_VARIANTS)}")
     problem = quality.default_problem()
     jobs = [(label, n) for label in labels for n in args.steps]
     rows = [quality.measure(problem, label, n) for label, n in tqdm(jobs, desc="solvers", file=sys.stderr)]
@@ -231,7 +230,30 @@ def cmd_bench_gmm(args) -> int:
     return 0
 
 
+def _model_options(p, *, runtime: bool = True) -> None:
+    """--model and --weights for every command that builds an engine; runtime=True adds --device
+    and --dtype (export always runs float32 on the CPU)."""
+    from .dtypes import NAMES
+    from .models.registry import KNOWN_MODELS
+
+    p.add_argument(
+        "--model",
+        default="tiny-shapes",
+        help=f"{', '.join(KNOWN_MODELS)}, or a diffusers model directory (default: tiny-shapes)",
+    )
+    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    if runtime:
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        p.add_argument(
+            "--dtype", default=None, choices=NAMES, help="the engine's dtype (default: float16 on CUDA, else float32)"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import loops, solvers
+    from .engines.backends import CHOICES as BACKENDS
+    from .engines.engine import CALIBRATED
+
     parser = argparse.ArgumentParser(
         prog="fastdiff",
         description="Fast diffusion sampling: StepPlan solvers, an exact-ODE test harness, feature report.",
@@ -265,19 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the plan to this file")
     p.set_defaults(func=cmd_plan)
 
+    samplers = (*solvers.VARIANTS, *CALIBRATED)
     p = sub.add_parser("sample", help="sample images from a model into PNG files")
     p.add_argument("prompt", help='the prompt, e.g. "a red circle on a blue background" (digits: "7")')
-    p.add_argument(
-        "--model",
-        default="tiny-shapes",
-        help="tiny-shapes, digits, sd21, or a diffusers model directory (default: tiny-shapes)",
-    )
+    _model_options(p)
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument(
         "--sampler",
         default="dpmpp_2m",
-        help="solver or variant: ddim, pndm, plms, euler, dpmpp_2m, dpmpp_3m, dpmpp_2m_karras, unipc_bh2, "
-        "unipc_bh2_3, unipc_bh1, deis, deis_3 (default dpmpp_2m)",
+        choices=samplers,
+        metavar="SAMPLER",
+        help=f"solver or variant: {', '.join(samplers)} (olss: the model's shipped calibrated plans; default dpmpp_2m)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -289,19 +309,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--width", type=int, default=None, help="image width, a multiple of the VAE factor (default: native)"
     )
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
-    )
-    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
     p.add_argument(
         "--backend",
-        choices=("auto", "eager", "cuda_graph", "compiled", "cpp"),  # = backends.CHOICES (no torch import for --help)
+        choices=BACKENDS,
         default="auto",
         help="how the UNet, text encoder and VAE run: eager; cuda_graph (captured CUDA graphs, GPU only); "
         "compiled (torch.compile, plus CUDA graphs on a GPU; the first call per size compiles, cached on disk); "
-        "cpp (the sampling loop in the C++ runtime, modules eager; CPU float32 in this build); "
         "auto = compiled on a GPU, eager on the CPU (default; `fastdiff info` says what is available and why)",
+    )
+    p.add_argument(
+        "--loop",
+        choices=loops.CHOICES,
+        default="auto",
+        help="how the plan runs: reference (eager, the fused step after every call); graph (the whole loop in "
+        "one CUDA graph; needs the cuda_graph or compiled backend on a GPU); cpp (the loop in C++; CPU, float32); "
+        "auto = graph when the backend captures graphs, else reference (default)",
     )
     p.add_argument(
         "--skip-delta",
@@ -320,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("calibrate", help="fit an OLSS plan to a model (least squares on teacher trajectories)")
-    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
+    _model_options(p)
     p.add_argument(
         "--steps",
         type=int,
@@ -361,18 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--trajectories", default=None, help="keep teacher trajectories in this directory (resumable)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument(
-        "--dtype", default=None, help="float32, float16 or bfloat16 (default: float16 on CUDA, else float32)"
-    )
-    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
         "export",
         help="export a model's text encoder, UNet and VAE decoder to ONNX (TensorRT's input), checked by onnxruntime",
     )
-    p.add_argument("--model", default="tiny-shapes", help="tiny-shapes, digits, sd21 or a diffusers model directory")
+    _model_options(p, runtime=False)
     p.add_argument(
         "--format",
         choices=("onnx", "aoti"),
@@ -390,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--negative-prompt", default="", help="aoti: the unconditional prompt (default empty)")
     p.add_argument("--guidance", type=float, default=None, help="aoti: guidance scale (default: the model's)")
-    p.add_argument("--sampler", default=None, help="aoti: the plan's sampler (default: the model's)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        choices=samplers,
+        metavar="SAMPLER",
+        help="aoti: the plan's sampler (default: the model's)",
+    )
     p.add_argument("--steps", type=int, default=8, help="aoti: the plan's steps (default 8)")
     p.add_argument("--plan", default=None, help="aoti: a StepPlan file to ship instead of sampler/steps")
     p.add_argument("--no-decoder", action="store_true", help="aoti: skip the VAE decoder package")
@@ -400,7 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the onnxruntime check against torch at another batch and spatial size",
     )
-    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="quick benchmarks that print tables")

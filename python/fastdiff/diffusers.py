@@ -4,8 +4,9 @@
     image = pipe(prompt, num_inference_steps=plan.nfe, generator=torch.Generator().manual_seed(0)).images[0]
 
 The pipeline's latents are the plan's model inputs: ``init_noise_sigma`` is coef[0][0],
-``scale_model_input`` is the identity, and ``step`` runs one call's part of the recurrent
-program, so the images equal ``Engine.sample`` with the same plan, prompt and seed.
+``scale_model_input`` is the identity, and ``step`` hands the model output to the reference
+loop (`fastdiff.loops.reference.steps`, the loop as a generator) and returns the next model
+input, so the images equal ``Engine.sample`` with the same plan, prompt and seed.
 The plan is part of the scheduler config, so ``save_pretrained`` / ``from_pretrained`` keep it.
 """
 
@@ -15,8 +16,9 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .executor import apply_op
+from .loops import reference
 from .plan import StepPlan
+from .program import compile as compile_program
 
 
 class PlanScheduler(SchedulerMixin, ConfigMixin):
@@ -29,12 +31,12 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if plan is None:
             raise ValueError("PlanScheduler needs a plan: use PlanScheduler.from_plan(plan)")
         self.plan = StepPlan.from_dict(plan)
-        self.program = self.plan.recurrent()
+        self.program = compile_program(self.plan)
         self.init_noise_sigma = float(self.plan.coef[0, 0])
         self.num_inference_steps = self.plan.nfe
         self.timesteps = torch.tensor(self.plan.times, dtype=torch.float32)
-        self._call = 0
-        self._slots: list = []
+        self._loop = None  # the reference loop of the pipeline run in progress
+        self._pending = None  # the model call it waits for
 
     @classmethod
     def from_plan(cls, plan: StepPlan) -> PlanScheduler:
@@ -50,30 +52,28 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         if given:
             raise ValueError(f"PlanScheduler takes its times from the plan; {given[0]} cannot be set")
         self.timesteps = torch.tensor(self.plan.times, dtype=torch.float32, device=device)
-        self._call = 0
-        self._slots = [None] * self.program.num_slots
+        self._loop = self._pending = None
 
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
-        if self._call >= self.plan.nfe:
+        if self._loop is None:  # the first call: the loop starts from the pipeline's latents
+            self._loop = reference.steps(self.program, sample)
+            self._pending = next(self._loop)
+        elif self._pending is None:
             raise RuntimeError(
-                f"step called {self._call + 1} times for a {self.plan.nfe}-call plan; call set_timesteps first"
+                f"step called {self.plan.nfe + 1} times for a {self.plan.nfe}-call plan; call set_timesteps first"
             )
-        if self._call == 0 and not self._slots:
-            self._slots = [None] * self.program.num_slots
-        program_step = self.program.steps[self._call]
-        slots = self._slots
-        # The pipeline's latents are this call's model input (a callback may have changed them).
-        slots[program_step.input_slot] = sample.clone()
-        slots[program_step.output_slot] = model_output.to(sample.dtype).clone()
-        for op in program_step.ops:
-            apply_op(slots, op)
-        for released in program_step.release:
-            slots[released] = None
-        self._call += 1
-        prev_sample = slots[program_step.next_slot]
+        with torch.no_grad():
+            # The pipeline's latents are this call's model input (a callback may have changed them).
+            self._pending.x.copy_(sample)
+            try:
+                self._pending = self._loop.send(model_output)
+                prev_sample = self._pending.x.clone()
+            except StopIteration as done:
+                self._pending = None
+                prev_sample = done.value.latents
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)

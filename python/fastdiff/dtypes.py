@@ -6,7 +6,7 @@ NAMES = ("float32", "float16", "bfloat16")  # the dtypes engines run in
 
 
 def dtype_name(dtype) -> str:
-    """"float16" for torch.float16 (any object whose str is "torch.<name>")."""
+    """The name of a dtype, e.g. "float16" for torch.float16 (any str(dtype) of the form "torch.<name>")."""
     return str(dtype).removeprefix("torch.")
 
 

@@ -70,8 +70,8 @@ def _nvml() -> Feature:
 
 
 def _nvcc(which=shutil.which) -> Feature:
-    """The CUDA compiler that CMake builds the C++ CUDA runner (csrc/cuda) with."""
-    label = "nvcc (C++ CUDA runner, CMake)"
+    """The CUDA compiler that CMake builds the CUDA runner example (csrc/examples/cuda_runner) with."""
+    label = "nvcc (CUDA runner example, CMake)"
     path = which("nvcc")
     if path is None:
         return Feature(label, False, "nvcc is not on PATH: CMake builds the CPU runtime only")
@@ -85,13 +85,13 @@ def _nvcc(which=shutil.which) -> Feature:
     return Feature(
         label,
         True,
-        f"CUDA {found.group(1)} at {path}: `cmake -S . -B build` builds fastdiff_cuda, its tests and"
+        f"CUDA {found.group(1)} at {path}: `cmake -S . -B build` builds the CUDA runner example, its test and"
         " fastdiff_bench_cuda (they run where a CUDA device is)",
     )
 
 
 def _models() -> list[Feature]:
-    from .models.registry import _sd21_local, engines_dir
+    from .models.loading import engines_dir, sd21_local
     from .models.tokenizer import open_clip_bpe_path
 
     root = engines_dir()
@@ -99,7 +99,7 @@ def _models() -> list[Feature]:
     for name, marker in (("tiny-shapes", "model_index.json"), ("digits", "unet/config.json")):
         path = root / name / marker
         out.append(Feature(f"model {name}", path.is_file(), str(path.parent) if path.is_file() else f"missing: {path}"))
-    sd21 = _sd21_local()
+    sd21 = sd21_local()
     vocab = open_clip_bpe_path()
     detail = f"real weights in {sd21}" if sd21 else "no local weights (pass weights=<dir>)"
     detail += "; random-weight architecture " + (
@@ -115,6 +115,25 @@ def _backends() -> list[Feature]:
     except ImportError as exc:  # torch missing
         return [Feature("backends", False, f"not importable: {exc}")]
     return [Feature(f"backend {name}", ok, detail) for name, ok, detail in backends.report()]
+
+
+def _loops() -> list[Feature]:
+    """Each loop on the default device with its default engine dtype (graph: with a graph backend)."""
+    try:
+        import torch
+
+        from . import loops
+    except ImportError as exc:  # torch missing
+        return [Feature("loops", False, f"not importable: {exc}")]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda else torch.float32
+    graphs = object() if cuda else None  # a GPU engine with the cuda_graph/compiled backend captures graphs
+    out = []
+    for name in loops.LOOPS:
+        reason = loops.why_unavailable(name, device, dtype, graphs)
+        out.append(Feature(f"loop {name}", reason is None, reason or f"available on {device}"))
+    return out
 
 
 def features() -> list[Feature]:
@@ -136,11 +155,12 @@ def features() -> list[Feature]:
         _module("transformers (text encoders)", "transformers", "pip install transformers"),
         *_models(),
         *_backends(),
+        *_loops(),
     ]
 
 
 def report() -> str:
-    from . import __version__
+    from ._version import __version__
 
     lines = [f"fastdiff {__version__} on Python {platform.python_version()} ({platform.machine()})"]
     for f in features():

@@ -6,9 +6,9 @@ raw model output of call j (after guidance):
 
     input of call k:  x^(k) = Σ_{j≤k} coef[k, j]·b_j          result: Σ_j coef[N, j]·b_j
 
-The canonical form is the file format (versioned JSON). The executor never runs it directly:
-``StepPlan.recurrent()`` derives a form that carries only the latents the rest of the plan
-still needs (see ``fastdiff.recurrent``).
+The canonical form is the file format (versioned JSON). Loops never run it directly:
+``fastdiff.program.compile(plan)`` derives the Program, which carries only the latents the
+rest of the plan still needs. This module is data, validation, IO and identity only.
 """
 
 from __future__ import annotations
@@ -93,8 +93,6 @@ class StepPlan:
         self.metadata = dict(metadata or {})
         self.times.setflags(write=False)
         self.coef.setflags(write=False)
-        self._recurrent = None
-        self._step_tables = None
         self.validate()
 
     # ---------------------------------------------------------------- basic facts
@@ -111,8 +109,8 @@ class StepPlan:
     def column_lifetimes(self, atol: float = 0.0) -> np.ndarray:
         """For each basis column j, the last row of the canonical form that uses it (|coef| > atol).
 
-        In canonical form a classic solver's columns all live to the last row; the memory the
-        executor actually holds is given by ``recurrent().peak_latents``.
+        In canonical form a classic solver's columns all live to the last row; the memory a loop
+        actually holds is the compiled Program's ``num_rows``.
         """
         used = np.abs(self.coef) > atol
         rows = np.arange(self.coef.shape[0])[:, None]
@@ -150,7 +148,7 @@ class StepPlan:
             raise PlanError("coef[0][0] is 0: the first model input must depend on x_T", "first_row")
         if self.prediction_type not in PREDICTION_TYPES:
             raise PlanError(
-                f"unknown prediction_type '{self.prediction_type}': expected one of " f"{', '.join(PREDICTION_TYPES)}",
+                f"unknown prediction_type '{self.prediction_type}': expected one of {', '.join(PREDICTION_TYPES)}",
                 "prediction_type",
             )
         if self.num_train_timesteps is not None:
@@ -182,8 +180,7 @@ class StepPlan:
             )
         if self.prediction_type != schedule.prediction_type:
             raise PlanError(
-                f"plan expects {self.prediction_type} model outputs but the model predicts "
-                f"{schedule.prediction_type}",
+                f"plan expects {self.prediction_type} model outputs but the model predicts {schedule.prediction_type}",
                 "schedule",
             )
 
@@ -202,29 +199,25 @@ class StepPlan:
             "metadata": self.metadata,
         }
 
-    def dumps(self, *, program: bool = False) -> str:
+    def dumps(self, *, extra: Mapping | None = None) -> str:
         """JSON text; floats are written with repr, so they read back bit for bit.
 
-        program=True adds the compiled executor program (``"program"``: the fused-step tables
-        of `step_tables`, see `fastdiff.ops.step.StepTables.to_dict`) so that the C++ runtime
-        runs exactly the Python executor's program; readers that do not use it ignore it, and
-        the C++ reader checks that it re-expands to ``coef``."""
+        extra: further top-level fields written before the metadata (`fastdiff.program.dumps`
+        puts the compiled program there); readers that do not know them ignore them."""
         d = self.to_dict()
         coef = d.pop("coef")
         metadata = d.pop("metadata")
         head = json.dumps(d, indent=1, allow_nan=False)[:-2]
         rows = ",\n  ".join(json.dumps(row, allow_nan=False) for row in coef)
         meta = json.dumps(metadata, indent=1, sort_keys=True, allow_nan=False).replace("\n", "\n ")
-        prog = ""
-        if program:
-            prog = f',\n "program": {json.dumps(self.step_tables().to_dict(), allow_nan=False)}'
-        return f'{head},\n "coef": [\n  {rows}\n ]{prog},\n "metadata": {meta}\n}}\n'
+        more = "".join(f",\n {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in (extra or {}).items())
+        return f'{head},\n "coef": [\n  {rows}\n ]{more},\n "metadata": {meta}\n}}\n'
 
-    def save(self, path: str | Path, *, program: bool = False) -> Path:
-        """Write the plan file atomically; program=True includes the compiled program (`dumps`)."""
+    def save(self, path: str | Path, *, extra: Mapping | None = None) -> Path:
+        """Write the plan file atomically (`dumps`)."""
         path = Path(path)
         try:
-            text = self.dumps(program=program)
+            text = self.dumps(extra=extra)
         except ValueError as exc:  # json refuses NaN/inf in metadata with allow_nan=False
             raise PlanError(f"plan metadata must hold finite numbers to be saved: {exc}", "field") from exc
         tmp = path.with_name(path.name + ".tmp")
@@ -244,7 +237,7 @@ class StepPlan:
             )
         if doc["format"] != PLAN_FORMAT:
             raise PlanError(
-                f"not a fastdiff StepPlan file: 'format' is {_describe(doc['format'])}, expected " f"'{PLAN_FORMAT}'",
+                f"not a fastdiff StepPlan file: 'format' is {_describe(doc['format'])}, expected '{PLAN_FORMAT}'",
                 "format",
             )
         if "version" not in doc:
@@ -290,8 +283,7 @@ class StepPlan:
             num_train = schedule.get("num_train_timesteps")
             if num_train is not None and (not _is_integer(num_train) or num_train < 1):
                 raise PlanError(
-                    "schedule 'num_train_timesteps' must be a positive integer or null, found "
-                    f"{_describe(num_train)}",
+                    f"schedule 'num_train_timesteps' must be a positive integer or null, found {_describe(num_train)}",
                     "field",
                 )
         metadata = doc.get("metadata", {})
@@ -373,20 +365,3 @@ class StepPlan:
     def __repr__(self) -> str:
         solver = self.metadata.get("solver", "custom")
         return f"StepPlan({solver}, nfe={self.nfe}, {self.prediction_type}, {self.hash()})"
-
-    # ---------------------------------------------------------------- derived forms
-    def recurrent(self):
-        """The executor's form of this plan (computed once, then cached)."""
-        if self._recurrent is None:
-            from .recurrent import compile_plan
-
-            self._recurrent = compile_plan(self.coef)
-        return self._recurrent
-
-    def step_tables(self):
-        """The recurrent form as fused-step tables (`fastdiff.ops.step`), computed once."""
-        if self._step_tables is None:
-            from .ops.step import step_tables
-
-            self._step_tables = step_tables(self.recurrent())
-        return self._step_tables

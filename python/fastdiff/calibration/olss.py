@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..executor import run
+from ..loops import reference
 from ..plan import StepPlan
+from ..program import compile as compile_program
 from .lstsq import CalibrationError, Fit, GramAccumulator
 from .trajectories import EngineSource, FunctionSource, Source, Trajectories, teacher_trajectories
 
@@ -193,13 +194,16 @@ def _fit_open(traj: Trajectories, path: list[int], ridge, acc: GramAccumulator) 
 
 def _fit_closed(traj, path, ridge, folds, source: Source, batch_size: int, progress: bool, samples=None) -> list[Fit]:
     """Row i fitted on [x_T, ê_0..ê_i], the student's own outputs on its own latents (over
-    `samples`, default all)."""
+    `samples`, default all). The student's latents come from the reference loop running rows
+    0..i (`_prefix`), with the outputs of calls before i replayed: the same loop and arithmetic
+    the plan samples with, one model call per row and sample."""
     from tqdm.auto import tqdm
 
     samples = np.arange(traj.num_samples) if samples is None else np.asarray(samples)
     n = len(path)
     dim = traj.latents.shape[2]
-    device, dtype = source.x_T.device, source.x_T.dtype
+    x_T = source.x_T[torch.as_tensor(samples)]
+    replay = torch.empty((samples.size, n, *x_T.shape[1:]), dtype=x_T.dtype, device=x_T.device)
     student = np.zeros((samples.size, n, dim), dtype=np.float32)  # ê_i per sample (by position)
     fits: list[Fit] = []
     coef = np.zeros((n + 1, n + 1))
@@ -207,24 +211,51 @@ def _fit_closed(traj, path, ridge, folds, source: Source, batch_size: int, progr
     for i, target in enumerate(tqdm(_targets(traj, path), desc="closed-loop fit", disable=not progress)):
         names = ["x_T"] + [f"e{j}" for j in range(i + 1)] + ["target"]
         acc = GramAccumulator(names, folds)
-        t = float(traj.times[path[i]])
+        program = _prefix(traj, path, coef, i)
         for pos in _batches(samples.size, (i + 3) * dim * 8, batch_size):
             ids = samples[pos]
-            x_T = traj.latents[ids, 0].astype(np.float64)
-            x = coef[i, 0] * x_T + np.einsum("j,sjd->sd", coef[i, 1 : i + 1], student[pos, :i].astype(np.float64))
-            x = torch.from_numpy(x).to(dtype).reshape(ids.size, *traj.shape).to(device)
-            with torch.no_grad():
-                out = source.model(ids)(x, torch.full((ids.size,), t, dtype=torch.float32, device=device))
-            flat = out.reshape(ids.size, -1).float().cpu()
-            if not bool(torch.isfinite(flat).all()):
-                raise CalibrationError(f"NaN/inf in the model output on the student's latent at call {i} (t={t:g})")
-            student[pos, i] = flat.numpy()
-            vectors = np.concatenate([x_T[:, None], student[pos, : i + 1], traj.latents[ids, target][:, None]], axis=1)
+            rows = torch.as_tensor(pos, device=x_T.device)
+            reference.run(program, _Replay(source.model(ids), replay, rows, i), x_T[rows])
+            student[pos, i] = replay[rows, i].reshape(ids.size, -1).float().cpu().numpy()
+            vectors = np.concatenate(
+                [traj.latents[ids, 0][:, None], student[pos, : i + 1], traj.latents[ids, target][:, None]], axis=1
+            )
             acc.add(torch.from_numpy(vectors), ids)
         fit = acc.fit(names[:-1], "target", ridge)
         coef[i + 1, : i + 2] = fit.coef
         fits.append(fit)
     return fits
+
+
+class _Replay:
+    """raw_fn of the closed-loop fit's row i: the stored outputs for calls before i, the model
+    (its output checked and stored) at call i."""
+
+    def __init__(self, model, store: torch.Tensor, rows: torch.Tensor, i: int):
+        self.model, self.store, self.rows, self.i = model, store, rows, i
+        self.calls = 0
+
+    def __call__(self, x, t, index):
+        k = self.calls
+        self.calls += 1
+        if k < self.i:
+            return self.store[self.rows, k]
+        out = self.model(x, t, index)
+        if not bool(torch.isfinite(out).all()):
+            raise CalibrationError(
+                f"NaN/inf in the model output on the student's latent at call {k} (t={float(t[0]):g})"
+            )
+        self.store[self.rows, k] = out
+        return out
+
+
+def _prefix(traj, path, coef, i: int):
+    """The Program of the student's rows 0..i: calls at path[:i+1]; its result row (out_i) is a
+    placeholder, the loop is run for call i's output."""
+    c = np.zeros((i + 2, i + 2))
+    c[: i + 1, : i + 1] = coef[: i + 1, : i + 1]
+    c[i + 1, i + 1] = 1.0
+    return compile_program(StepPlan(traj.times[path[: i + 1]], c, traj.teacher.prediction_type))
 
 
 def _plan_coef(fits: list[Fit]) -> np.ndarray:
@@ -242,8 +273,7 @@ def _student_error(traj, path, coef, source: Source, samples, batch_size: int) -
     plan = StepPlan(traj.times[path], coef, traj.teacher.prediction_type)
     err = ref = 0.0
     for ids in _batches(samples, 2 * traj.latents.shape[2] * 8, batch_size):
-        with torch.no_grad():
-            x = run(plan, source.model(ids), source.x_T[torch.as_tensor(ids)])
+        x = reference.run(compile_program(plan), source.model(ids), source.x_T[torch.as_tensor(ids)]).latents
         x = x.reshape(ids.size, -1).double().cpu().numpy()
         target = traj.latents[ids, -1].astype(np.float64)
         err += float(((x - target) ** 2).sum())

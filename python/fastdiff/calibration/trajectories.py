@@ -24,8 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..executor import run
+from ..denoisers import GuidedOutput, Unguided
+from ..dtypes import dtype_name
+from ..loops import reference
+from ..loops.contract import RawFn
 from ..plan import StepPlan
+from ..program import compile as compile_program
 from ..schedules import DiscreteSchedule
 from .lstsq import CalibrationError
 
@@ -33,8 +37,10 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Source(ABC):
-    """What calibration needs from a model: a schedule, per-sample x_T and a model_fn for any
-    subset of the samples (conditioning may differ per sample)."""
+    """What calibration needs from a model: a schedule, per-sample x_T and a raw_fn for any
+    subset of the samples (conditioning may differ per sample). Calibration runs the reference
+    loop without guidance on it: the raw_fn returns the guided output, the basis the plan
+    combines."""
 
     schedule: DiscreteSchedule
     x_T: torch.Tensor  # [S, ...] initial noise, on the model's device and dtype
@@ -44,8 +50,8 @@ class Source(ABC):
         return int(self.x_T.shape[0])
 
     @abstractmethod
-    def model(self, ids: np.ndarray) -> ModelFn:
-        """model_fn(x, t) for the samples `ids` (in that order)."""
+    def model(self, ids: np.ndarray) -> RawFn:
+        """raw_fn(x, t, index) -> guided output for the samples `ids` (in that order)."""
 
     @abstractmethod
     def describe(self) -> dict:
@@ -63,8 +69,8 @@ class FunctionSource(Source):
         self.x_T = x_T
         self.name = name
 
-    def model(self, ids: np.ndarray) -> ModelFn:
-        return self.model_fn
+    def model(self, ids: np.ndarray) -> RawFn:
+        return Unguided(self.model_fn)
 
     def describe(self) -> dict:
         x = self.x_T.double()
@@ -85,8 +91,8 @@ class EngineSource(Source):
         self.schedule = engine.schedule
         self.x_T = engine.initial_noise(len(prompts), seed=self.seed)
 
-    def model(self, ids: np.ndarray) -> ModelFn:
-        return self.engine.denoiser([self.prompts[i] for i in ids], guidance_scale=self.guidance_scale)
+    def model(self, ids: np.ndarray) -> RawFn:
+        return GuidedOutput(self.engine.denoiser([self.prompts[i] for i in ids], guidance_scale=self.guidance_scale))
 
     def describe(self) -> dict:
         return {
@@ -95,7 +101,7 @@ class EngineSource(Source):
             "prompts": self.prompts,
             "guidance_scale": self.guidance_scale,
             "seed": self.seed,
-            "dtype": str(self.engine.dtype).replace("torch.", ""),
+            "dtype": dtype_name(self.engine.dtype),
         }
 
 
@@ -211,6 +217,7 @@ def teacher_trajectories(
         arrays = {name: np.zeros(s, dtype=np.float32) for name, s in shapes.items()}
         done = np.zeros(num, dtype=bool)
     todo = np.flatnonzero(~done)
+    program = compile_program(plan)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -222,7 +229,7 @@ def teacher_trajectories(
     )
     for start in range(0, todo.size, batch_size):
         ids = todo[start : start + batch_size]
-        model_fn = source.model(ids)
+        raw_fn = source.model(ids)
         x_T = source.x_T[torch.as_tensor(ids)]
         lat = np.empty((ids.size, m + 1, dim), dtype=np.float32)
         out = np.empty((ids.size, m, dim), dtype=np.float32)
@@ -230,8 +237,8 @@ def teacher_trajectories(
 
         calls = [0]
 
-        def record(x, t):
-            result = model_fn(x, t)
+        def record(x, t, index):
+            result = raw_fn(x, t, index)
             k = calls[0]
             flat = result.reshape(ids.size, -1).float().cpu()
             if not bool(torch.isfinite(flat).all()):
@@ -246,7 +253,7 @@ def teacher_trajectories(
         def keep(k, t, x):
             lat[:, k + 1] = x.reshape(ids.size, -1).float().cpu().numpy()
 
-        run(plan, record, x_T, callback=keep)
+        reference.run(program, record, x_T, callback=keep)
         arrays["latents"][ids] = lat
         arrays["outputs"][ids] = out
         done[ids] = True

@@ -1,4 +1,4 @@
-"""Engines: text/class conditioner + denoiser backend + decoder + StepPlan behind ``sample``."""
+"""Engines: conditioner + UNet (through a module backend) + decoder + a loop, behind ``sample``."""
 
 from .backends import BACKENDS, BackendUnavailableError
 from .engine import Engine, NonFiniteError, OutOfMemoryError, SampleOutput

@@ -1,14 +1,12 @@
-"""Engine backends: how the UNet, text encoder and VAE decoder run.
+"""Engine backends: how the modules (UNet, text encoder, VAE decoder) run — module execution
+only; how the plan runs is the engine's loop (`fastdiff.loops`).
 
 - eager: the modules as they are.
 - cuda_graph: each module call captured into a CUDA graph per input signature (static buffers,
-  bounded LRU cache, recapture on mismatch); without a gate or callback the whole sampling
-  loop (UNet calls + fused steps) is one graph per (plan, batch, size).
+  bounded LRU cache, recapture on mismatch); the engine's graph cache also lets the graph loop
+  capture the whole sampling loop.
 - compiled: torch.compile of each module (artefacts cached on disk, see `compiled`), then, on a
   GPU, the same graph capture as cuda_graph. On the CPU it is torch.compile alone.
-- cpp: the sampling loop (fused steps, guidance, the gate) runs in the C++ runtime
-  (fastdiff._C.Sampler, `fastdiff.runtime`); the modules run eagerly, called back from C++.
-  This build's C++ loop is CPU/float32 only.
 - auto: compiled on a GPU with Triton, cuda_graph on a GPU without it, eager on the CPU.
 
 TensorRT is detected (`fastdiff info`) but no backend uses it in this build.
@@ -21,10 +19,10 @@ from collections.abc import Callable
 
 import torch
 
+from ..graphs import CaptureError, GraphCache
 from .compiled import CompileCache, CompiledCall, module_fingerprint, why_not_compilable
-from .graphs import CaptureError, GraphCache
 
-BACKENDS = ("eager", "cuda_graph", "compiled", "cpp")
+BACKENDS = ("eager", "cuda_graph", "compiled")
 CHOICES = ("auto", *BACKENDS)
 
 
@@ -41,10 +39,6 @@ def why_unavailable(backend: str, device) -> str | None:
         return None if device.type == "cuda" else f"CUDA graphs need a CUDA device, the engine is on {device}"
     if backend == "compiled":
         return why_not_compilable(device)
-    if backend == "cpp":
-        from ..runtime import why_unavailable as cpp_unavailable
-
-        return cpp_unavailable(device)
     if backend == "tensorrt":
         try:
             import tensorrt
@@ -63,6 +57,8 @@ def why_unavailable(backend: str, device) -> str | None:
 def resolve(backend: str, device) -> tuple[str, str]:
     """(backend, why it was chosen) for a requested backend, "auto" included; an unavailable
     explicit choice is a BackendUnavailableError naming the reason."""
+    if backend == "cpp":
+        raise ValueError("backend 'cpp' is a loop, not a module backend: use loop='cpp' (the C++ sampling loop)")
     if not isinstance(backend, str) or backend not in (*CHOICES, "tensorrt"):
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(CHOICES)}")
     device = torch.device(device)

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .graphs import signature
+from ..dtypes import dtype_name
+from ..graphs import signature
 
 MAGIC = b"FASTDIFF-COMPILE-CACHE 1\n"
 
@@ -94,7 +95,7 @@ def module_fingerprint(module: torch.nn.Module) -> str:
 
 
 def _describe_signature(sig: tuple) -> str:
-    return ";".join(f"{'x'.join(map(str, shape))}:{str(dtype).replace('torch.', '')}" for shape, dtype, _, _ in sig)
+    return ";".join(f"{'x'.join(map(str, shape))}:{dtype_name(dtype)}" for shape, dtype, _, _ in sig)
 
 
 class CompileCache:

@@ -1,4 +1,10 @@
-"""Engine: conditioner + denoiser backend + decoder + StepPlan, behind one ``sample`` call."""
+"""Engine: conditioner + UNet (through a backend) + decoder + a loop + plan cache, behind `sample`.
+
+`Engine.sample` = resolve the request (prompts, size, plan, gate) -> encode the prompts -> run
+the loop chosen at construction on the plan's Program -> decode. The backend decides how the
+modules execute (eager, CUDA graphs, torch.compile); the loop how the Program runs
+(`fastdiff.loops`: reference, graph, cpp).
+"""
 
 from __future__ import annotations
 
@@ -10,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .. import solvers
+from .. import loops, solvers
 from ..denoisers import GuidedDenoiser
-from ..executor import FusedState, run, run_fused
-from ..gate import AdaptiveGate
+from ..dtypes import dtype_name
+from ..gate import GateSpec
+from ..loops.contract import LoopResult
 from ..plan import StepPlan
-from ..runtime import run_fused_cpp
+from ..program import compile as compile_program
 from ..schedules import DiscreteSchedule
 from . import backends as _backends
 from .backends import Runner
-from .components import ClassConditioner, PixelDecoder, TextConditioner, VaeDecoder, to_pil
-from .graphs import CaptureError
+from .components import TextConditioner, VaeDecoder, to_pil
 
 CALIBRATED = ("olss",)  # samplers whose plans are fitted to a model and shipped with it
 
@@ -48,12 +54,18 @@ class SampleOutput:
     skipped: list[list[int]] = field(default_factory=list)  # per sample, the calls the gate skipped
 
 
-def _gate(skip) -> AdaptiveGate | None:
-    if skip is None or isinstance(skip, AdaptiveGate):
-        return skip
-    if skip == "adaptive":
-        return AdaptiveGate()
-    raise ValueError(f"skip must be None, 'adaptive' or an AdaptiveGate, got {skip!r}")
+@dataclass
+class _Request:
+    """A sample call's arguments, checked and resolved."""
+
+    prompts: list[str]  # one per image
+    negatives: list[str] | None
+    guidance: float
+    seed: int
+    height: int
+    width: int
+    plan: StepPlan
+    gate: GateSpec | None
 
 
 class UNetCall:
@@ -65,6 +77,10 @@ class UNetCall:
         self.call = call
         self.keys = keys
         self.inner = inner
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.call.dtype
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, return_dict: bool = False, **cond):
         if set(cond) != set(self.keys):
@@ -118,21 +134,19 @@ class Engine:
         sampler: str = "dpmpp_2m",
         guidance_scale: float = 7.5,
         backend: str = "eager",
+        loop: str = "auto",
         random_weights: bool = False,
         plans_dir=None,
         graph_mode: str | None = "default",
         max_graphs: int = 4,
     ):
-        """backend: "auto", "eager", "cuda_graph" or "compiled" (see fastdiff.engines.backends;
-        an unavailable one is a BackendUnavailableError naming why). max_graphs bounds the
+        """backend: how the modules run, "auto", "eager", "cuda_graph" or "compiled"
+        (`fastdiff.engines.backends`; an unavailable one is a BackendUnavailableError naming
+        why). loop: how the plan runs, "auto" (graph when the backend captures graphs, else
+        reference), "reference", "graph" or "cpp" (`fastdiff.loops`). max_graphs bounds the
         captured graphs kept (each holds a memory pool). graph_mode "emulate" gives the graph
         cache's buffer semantics without CUDA (tests only)."""
         self.backend, self.backend_reason = _backends.resolve(backend, device)
-        if self.backend == "cpp" and dtype != torch.float32:
-            raise _backends.BackendUnavailableError(
-                f"backend 'cpp' samples float32 latents; this engine is {str(dtype).replace('torch.', '')} "
-                "(build it with dtype=torch.float32)"
-            )
         self.name = name
         self.unet = unet
         self.conditioner = conditioner
@@ -146,9 +160,9 @@ class Engine:
         self.random_weights = random_weights
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
         self._plans: dict[tuple[str, int], StepPlan] = {}
-        self.notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
-        self._no_loop_graph: str | None = None  # why the whole loop cannot be one graph, once known
+        self._notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
         self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
+        self.loop = loops.create(loop, device=self.device, dtype=dtype, graphs=self.runner.graphs)
         keys = conditioner.keys
 
         def unet_fn(x, t, *values):
@@ -156,16 +170,24 @@ class Engine:
 
         self._unet_call = self.runner.wrap("unet", unet_fn, unet)
         self._unet = UNetCall(self._unet_call, keys)
+        self._unet_inner = UNetCall(self._unet_call, keys, inner=True)
         conditioner.accelerate(self.runner)
         decoder.accelerate(self.runner)
 
     def __repr__(self) -> str:
         flag = ", RANDOM WEIGHTS" if self.random_weights else ""
-        return f"Engine({self.name}, {self.device}, {str(self.dtype).replace('torch.', '')}, {self.backend}{flag})"
+        return (
+            f"Engine({self.name}, {self.device}, {dtype_name(self.dtype)}, {self.backend}, loop {self.loop.name}{flag})"
+        )
 
     @property
     def image_size(self) -> int:
         return self.sample_size * self.decoder.factor
+
+    @property
+    def notes(self) -> list[str]:
+        """What happened to the engine (fp16 fallbacks, a loop that could not be captured)."""
+        return self._notes + self.loop.notes
 
     def plan_for(self, sampler: str, steps: int) -> StepPlan:
         """The plan of sampler at steps on this model's schedule (cached per (sampler, steps)).
@@ -218,15 +240,15 @@ class Engine:
         guidance_scale: float | None = None,
         negative_prompts: list[str] | None = None,
     ) -> GuidedDenoiser:
-        """model_fn(x, t) for a batch of prompts: encoded once, classifier-free guidance fused in
-        (one UNet call on the 2x batch when guidance_scale > 1)."""
+        """The raw_fn of a batch of prompts for the loops: encoded once; with guidance_scale > 1
+        one UNet call on the 2x batch [uncond; cond], the weights in `.guidance`."""
         guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
         negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         cond = self.conditioner.encode(list(prompts), self.device, self.dtype)
         uncond = self.conditioner.encode(negatives, self.device, self.dtype) if guidance > 1 else None
-        return GuidedDenoiser(self._unet, cond, uncond, guidance)
+        return GuidedDenoiser(self._unet, cond, uncond, guidance, capture_unet=self._unet_inner)
 
     def initial_noise(self, batch: int, *, seed: int, height: int | None = None, width: int | None = None):
         """x_T as diffusers draws it: a CPU generator seeded with `seed`, in the model's dtype."""
@@ -240,70 +262,13 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _denoise(self, plan: StepPlan, denoiser: GuidedDenoiser, x_T, gate, fused: bool, callback):
-        """(latents, nfe per sample, batched UNet calls, skipped calls per sample)."""
-        batch = len(x_T)
-        with torch.no_grad():
-            if (
-                fused
-                and gate is None
-                and callback is None
-                and self.runner.graphs is not None
-                and not self._no_loop_graph
-            ):
-                calls = plan.step_tables().num_steps
-                try:
-                    latents = self._graphed_loop(plan, denoiser, x_T)
-                    return latents, [calls] * batch, calls, [[] for _ in range(batch)]
-                except CaptureError as exc:  # then graphs per UNet call, as with a gate
-                    self._no_loop_graph = f"the sampling loop could not be captured whole: {exc}"
-                    self.notes.append(self._no_loop_graph)
-                    warnings.warn(f"fastdiff: {self.name}: {self._no_loop_graph}", RuntimeWarning, stacklevel=3)
-            if fused:
-                w = denoiser.weights(batch, x_T.device)
-                loop = run_fused_cpp if self.backend == "cpp" else run_fused
-                r = loop(plan, denoiser.raw, x_T, guidance=w, gate=gate, callback=callback)
-                return r.latents, r.nfe, r.unet_calls, r.skipped
-            before = denoiser.calls
-            latents = run(plan, denoiser, x_T, callback=callback)
-            calls = denoiser.calls - before
-            return latents, [calls] * batch, calls, [[] for _ in range(batch)]
-
-    def _graphed_loop(self, plan: StepPlan, denoiser: GuidedDenoiser, x_T: torch.Tensor) -> torch.Tensor:
-        """The whole sampling loop (every UNet call and fused step) as one captured graph per
-        (plan, guidance, batch, size, dtype); x_T, the conditioning and the guidance weights are
-        its static inputs."""
-        keys = tuple(denoiser.kwargs)
-        cond = tuple(denoiser.kwargs[k] for k in keys)
-        w = denoiser.weights(len(x_T), x_T.device)
-        inner = UNetCall(self._unet_call, self.conditioner.keys, inner=True)
-        state = None
-
-        def sampling_loop(x_T, *rest):
-            nonlocal state
-            values, weights = (rest[:-1], rest[-1]) if w is not None else (rest, None)
-            # Built on the first (warm-up) call, outside the capture: it copies the plan's tables
-            # to the device, which a graph cannot record.
-            if state is None:
-                state = FusedState(plan, x_T, guidance=weights)
-            static = denoiser.with_inputs(inner, dict(zip(keys, values)))
-            return state.loop(static.raw, x_T, guidance=weights)
-
-        args = (x_T, *cond) + ((w,) if w is not None else ())
-        extra = ("loop", plan.hash(), denoiser.guided, keys, self._unet_call.dtype)
-        return self.runner.graphs.run(sampling_loop, args, extra=extra).clone()
-
     def _fall_back(self, module: torch.nn.Module, call, dtype: torch.dtype) -> str:
         """Move a module that overflowed in float16 to `dtype` for good; returns the note."""
-        name = call.name
         module.to(dtype)
         call.rebuild()
-        note = (
-            f"{name} overflowed in float16 (NaN/inf outputs); it now runs in {str(dtype).replace('torch.', '')} "
-            "on this engine"
-        )
-        self.notes.append(note)
-        warnings.warn(f"fastdiff: {self.name}: {note}", RuntimeWarning, stacklevel=3)
+        note = f"{call.name} overflowed in float16 (NaN/inf outputs); it now runs in {dtype_name(dtype)} on this engine"
+        self._notes.append(note)
+        warnings.warn(f"fastdiff: {self.name}: {note}", RuntimeWarning, stacklevel=4)
         return note
 
     def _modules(self) -> list[torch.nn.Module]:
@@ -351,24 +316,63 @@ class Engine:
         sampler: str | None = None,
         plan: StepPlan | str | Path | None = None,
         callback=None,
-        skip: str | AdaptiveGate | None = None,
-        fused: bool | None = None,
+        skip: str | GateSpec | None = None,
     ) -> SampleOutput:
         """Sample images. A list of prompts is one batch; each prompt gets num_images images.
 
-        skip: "adaptive" (AdaptiveGate() defaults) or an AdaptiveGate: skip UNet calls where the
-        latent trajectory is locally smooth (AdaptiveDiffusion), reusing the previous output;
-        ``out.nfe`` then tells the calls made per sample. fused: run the non-UNet work of every
-        step as one fused op (`fastdiff.ops.fused_step`: Triton on a GPU, the torch reference on
-        the CPU); None = when skipping (which needs it) or when the backend captures graphs
-        (cuda_graph, compiled on a GPU: without a gate or callback the whole loop is one graph).
-
         guidance_scale defaults to the model's; plan (a StepPlan or a plan file) overrides
-        sampler/steps. The initial noise
-        is drawn like diffusers does (CPU generator seeded with `seed`, in the model's dtype),
-        so a diffusers pipeline with a PlanScheduler reproduces the same images.
+        sampler/steps. skip: "adaptive" (GateSpec() defaults) or a GateSpec: skip UNet calls where
+        the latent trajectory is locally smooth (AdaptiveDiffusion), reusing the previous output;
+        ``out.nfe`` then tells the calls made per sample. callback(k, t, x) sees each next model
+        input. The initial noise is drawn like diffusers does (CPU generator seeded with `seed`,
+        in the model's dtype), so a diffusers pipeline with a PlanScheduler reproduces the images.
         """
         start = time.perf_counter()
+        request = self._request(
+            prompt, steps, guidance_scale, negative_prompt, seed, num_images, height, width, sampler, plan, skip
+        )
+        notes: list[str] = []
+        try:
+            self.runner.guard(*self._modules())
+            denoiser = self.denoiser(
+                request.prompts, guidance_scale=request.guidance, negative_prompts=request.negatives
+            )
+            self._sync()
+            encoded = time.perf_counter()
+            x_T = self.initial_noise(
+                len(request.prompts), seed=request.seed, height=request.height, width=request.width
+            )
+            result = self._denoise(request, denoiser, x_T, callback, notes)
+            self._sync()
+            denoised = time.perf_counter()
+            images = self._decode(result.latents, notes)
+            self._sync()
+        except torch.OutOfMemoryError as exc:
+            if isinstance(exc, OutOfMemoryError):
+                raise
+            raise self._out_of_memory(exc, len(request.prompts), request.height, request.width) from exc
+        done = time.perf_counter()
+        if self.random_weights:
+            notes.append("random weights: outputs are noise, for speed benchmarks only")
+        timings = {"encode": encoded - start, "denoise": denoised - encoded, "decode": done - denoised}
+        return SampleOutput(
+            images=to_pil(images),
+            latents=result.latents,
+            nfe=result.nfe,
+            unet_calls=result.unet_calls,
+            skipped=result.skipped,
+            timings={**timings, "total": done - start},
+            prompts=request.prompts,
+            seed=request.seed,
+            plan=request.plan,
+            random_weights=self.random_weights,
+            notes=notes,
+        )
+
+    def _request(
+        self, prompt, steps, guidance_scale, negative_prompt, seed, num_images, height, width, sampler, plan, skip
+    ) -> _Request:
+        """Check and resolve sample()'s arguments; ValueError/TypeError name what is wrong."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is an empty list: give at least one prompt")
@@ -384,90 +388,57 @@ class Engine:
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             plan = self.plan_for(sampler or self.sampler, steps)
         plan.check_schedule(self.schedule)
-        gate = _gate(skip)
-        if fused is None:  # skipping needs it; captured graphs and the C++ loop run it fused
-            fused = gate is not None or self.runner.graphs is not None or self.backend == "cpp"
-        fused = bool(fused)
-        if self.backend == "cpp" and not fused:
-            raise ValueError("backend 'cpp' always runs the fused step: leave fused=None (or True)")
-        if gate is not None and not fused:
-            raise ValueError("skip= needs the fused step (fused=True or None)")
-        guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
-        seed = random.randrange(2**31) if seed is None else int(seed)
-
-        batch_prompts = [p for p in prompts for _ in range(num_images)]
-        if negative_prompt is None:
-            negatives = None
-        else:
+        negatives = None
+        if negative_prompt is not None:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negs) != len(prompts):
                 raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
             negatives = [n for n in negs for _ in range(num_images)]
-        notes = []
-        try:
-            self.runner.guard(*self._modules())
-            denoiser = self.denoiser(batch_prompts, guidance_scale=guidance, negative_prompts=negatives)
-            self._sync()
-            encoded = time.perf_counter()
-            x_T = self.initial_noise(len(batch_prompts), seed=seed, height=height, width=width)
-            latents, nfe, unet_calls, skipped = self._denoise(plan, denoiser, x_T, gate, fused, callback)
-            if not _finite(latents) and self._unet_call.dtype == torch.float16:
-                notes.append(self._fall_back(self.unet, self._unet_call, _fallback_dtype(self.device)))
-                latents, nfe, unet_calls, skipped = self._denoise(plan, denoiser, x_T, gate, fused, callback)
-            self._sync()
-            denoised = time.perf_counter()
-            if not _finite(latents):
-                raise NonFiniteError(
-                    f"sampling produced NaN/inf latents with {self.name} (UNet in "
-                    f"{str(self._unet_call.dtype).replace('torch.', '')}): check the model weights and the plan"
-                )
-            images = self.decoder(latents)
-            if not _finite(images) and isinstance(self.decoder, VaeDecoder) and self.decoder.vae.dtype == torch.float16:
-                # diffusers' force_upcast: the SD VAEs overflow in float16 at large sizes.
-                notes.append(self._fall_back(self.decoder.vae, self.decoder.decode, torch.float32))
-                images = self.decoder(latents)
-            self._sync()
-        except torch.OutOfMemoryError as exc:
-            if isinstance(exc, OutOfMemoryError):
-                raise
-            raise self._out_of_memory(exc, len(batch_prompts), height, width) from exc
-        done = time.perf_counter()
-        if self.random_weights:
-            notes.append("random weights: outputs are noise, for speed benchmarks only")
-        return SampleOutput(
-            images=to_pil(images),
-            latents=latents,
-            nfe=nfe,
-            unet_calls=unet_calls,
-            skipped=skipped,
-            timings={
-                "encode": encoded - start,
-                "denoise": denoised - encoded,
-                "decode": done - denoised,
-                "total": done - start,
-            },
-            prompts=batch_prompts,
-            seed=seed,
+        return _Request(
+            prompts=[p for p in prompts for _ in range(num_images)],
+            negatives=negatives,
+            guidance=self.guidance_scale if guidance_scale is None else float(guidance_scale),
+            seed=random.randrange(2**31) if seed is None else int(seed),
+            height=height,
+            width=width,
             plan=plan,
-            random_weights=self.random_weights,
-            notes=notes,
+            gate=GateSpec.from_skip(skip),
         )
 
+    def _denoise(self, request: _Request, denoiser: GuidedDenoiser, x_T, callback, notes: list) -> LoopResult:
+        """The loop on the plan's Program; a float16 UNet whose latents come out NaN/inf moves to
+        bfloat16 (float32 without it) and runs again."""
+        program = compile_program(request.plan)
+
+        def run() -> LoopResult:
+            return self.loop.run(
+                program, denoiser, x_T, guidance=denoiser.guidance, gate=request.gate, callback=callback
+            )
+
+        result = run()
+        if not _finite(result.latents) and self._unet_call.dtype == torch.float16:
+            notes.append(self._fall_back(self.unet, self._unet_call, _fallback_dtype(self.device)))
+            result = run()
+        if not _finite(result.latents):
+            raise NonFiniteError(
+                f"sampling produced NaN/inf latents with {self.name} (UNet in {dtype_name(self._unet_call.dtype)}): "
+                "check the model weights and the plan"
+            )
+        return result
+
+    def _decode(self, latents: torch.Tensor, notes: list) -> torch.Tensor:
+        """Images in [-1, 1]; a float16 VAE whose images overflow moves to float32 (diffusers'
+        force_upcast: the SD VAEs overflow in float16 at large sizes)."""
+        images = self.decoder(latents)
+        if not _finite(images) and isinstance(self.decoder, VaeDecoder) and self.decoder.vae.dtype == torch.float16:
+            notes.append(self._fall_back(self.decoder.vae, self.decoder.decode, torch.float32))
+            images = self.decoder(latents)
+        return images
+
     @classmethod
-    def from_pipeline(
-        cls,
-        pipe,
-        *,
-        name: str = "pipeline",
-        sampler: str = "dpmpp_2m",
-        guidance_scale: float = 7.5,
-        backend: str = "eager",
-        random_weights: bool = False,
-        plans_dir=None,
-        graph_mode: str | None = "default",
-        max_graphs: int = 4,
-    ) -> Engine:
-        """An engine over the components of a loaded diffusers Stable Diffusion pipeline."""
+    def from_pipeline(cls, pipe, *, name: str = "pipeline", **options) -> Engine:
+        """An engine over the components of a loaded diffusers Stable Diffusion pipeline;
+        options: Engine's keyword arguments (sampler, guidance_scale, backend, loop, ...)."""
         if type(pipe.scheduler).__name__ == "PlanScheduler":
             raise ValueError(
                 "pipe.scheduler is a fastdiff PlanScheduler, which holds a plan but not the model's noise "
@@ -483,11 +454,5 @@ class Engine:
             sample_size=unet.config.sample_size,
             device=unet.device,
             dtype=unet.dtype,
-            sampler=sampler,
-            guidance_scale=guidance_scale,
-            backend=backend,
-            random_weights=random_weights,
-            plans_dir=plans_dir,
-            graph_mode=graph_mode,
-            max_graphs=max_graphs,
+            **options,
         )

@@ -4,8 +4,9 @@
 every program loads its block of the model output(s), the input latent and the table's columns
 once, stores the output's slot and the next input, and writes one partial sum of |x^(k+1) − x^(k)|.
 `gate_decide` is the one tiny follow-up kernel when the AdaptiveDiffusion gate is on: per
-sample, it reduces the partials to d_k and applies the third-order rule, keeping d_{k−1},
-d_{k−2} and the consecutive-skip count on the device.
+decision group, it reduces the partials to d_k and applies the third-order rule of
+`fastdiff.gate.GateSpec.decide` (whether the call is `active` is decided on the host, by the
+same GateSpec), keeping d_{k−1}, d_{k−2} and the consecutive-skip count on the device.
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which
 is how the CPU test suite holds them to the torch reference.
@@ -145,7 +146,7 @@ if triton is not None:
 
 def _require() -> None:
     if triton is None:
-        raise RuntimeError(f"fastdiff.ops: the Triton kernels need Triton: {why_unavailable()}")
+        raise RuntimeError(f"fused_step: the Triton kernels need Triton: {why_unavailable()}")
 
 
 def _on_device(*tensors: torch.Tensor) -> None:
@@ -153,7 +154,7 @@ def _on_device(*tensors: torch.Tensor) -> None:
     device = tensors[0].device
     if device.type == "cpu" and not interpreted():
         raise RuntimeError(
-            "fastdiff.ops: Triton kernels need CUDA tensors (CPU tensors run only with TRITON_INTERPRET=1); "
+            "fused_step: the Triton kernels need CUDA tensors (CPU tensors run only with TRITON_INTERPRET=1); "
             "use impl='torch' on the CPU"
         )
 
@@ -163,7 +164,7 @@ def num_blocks(basis: torch.Tensor) -> int:
     return -(-n // BLOCK)
 
 
-def fused_step(k, raw, guidance, basis, tables, rows=None, out=None, stat=None, partials=None) -> None:
+def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None, partials=None) -> None:
     """Triton implementation of `fastdiff.ops.step.fused_step` (arguments checked there).
 
     partials: optional float32 [B, num_blocks(basis)] buffer for the per-block sums of
@@ -173,7 +174,8 @@ def fused_step(k, raw, guidance, basis, tables, rows=None, out=None, stat=None, 
     _require()
     _on_device(basis)
     if basis.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"fastdiff.ops: the Triton step supports float16/bfloat16/float32/float64, got {basis.dtype}")
+        raise ValueError(f"fused_step: the Triton step supports float16/bfloat16/float32/float64, got {basis.dtype}")
+    tables = program.tables(basis.device, basis.dtype)
     batch = basis.shape[1]
     n = basis[0, 0].numel()
     nblocks = -(-n // BLOCK)
@@ -182,7 +184,7 @@ def fused_step(k, raw, guidance, basis, tables, rows=None, out=None, stat=None, 
     if want_stat and partials is None:
         partials = torch.empty(batch, nblocks, dtype=torch.float32, device=basis.device)
     if partials is not None and (partials.shape != (batch, nblocks) or partials.dtype != torch.float32):
-        raise ValueError(f"fastdiff.ops: partials must be float32 [{batch}, {nblocks}]")
+        raise ValueError(f"fused_step: partials must be float32 [{batch}, {nblocks}]")
     computed = raw.shape[0] // (1 if guidance is None else 2)
     dummy = basis  # placeholder pointer for absent optional arguments (never read)
     w = guidance.to(tables.coef.dtype).contiguous() if guidance is not None else dummy
@@ -207,7 +209,7 @@ def fused_step(k, raw, guidance, basis, tables, rows=None, out=None, stat=None, 
         HAS_ROWS=rows is not None,
         HAS_OUT=out is not None,
         HAS_STAT=want_stat,
-        WIDTH=tables.host.width,
+        WIDTH=program.width,
         BLOCK=BLOCK,
     )
     if stat is not None:

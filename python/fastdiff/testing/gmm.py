@@ -195,9 +195,12 @@ def solver_error(plan, mixture: GaussianMixture, schedule: DiscreteSchedule, x_T
     """Relative RMS error of a plan's result against the exact ODE solution from the same x_T
     (`exact_result`; plans should start at T−1, e.g. timestep_spacing="trailing").
     Returns (error, result)."""
-    from ..executor import run
+    from ..denoisers import Unguided
+    from ..loops import reference as reference_loop
+    from ..program import compile as compile_program
 
-    result = run(plan, mixture.denoiser(schedule), x_T).to(torch.float64)
+    model = Unguided(mixture.denoiser(schedule))
+    result = reference_loop.run(compile_program(plan), model, x_T).latents.to(torch.float64)
     exact = exact_result(plan, mixture, schedule, x_T, reference)
     error = torch.linalg.vector_norm(result - exact) / torch.linalg.vector_norm(exact)
     return float(error), result

@@ -24,8 +24,9 @@ import torch
 from .. import solvers
 from ..calibration import olss
 from ..calibration.trajectories import FunctionSource, Source, Trajectories, teacher_trajectories
-from ..executor import run
+from ..loops import reference
 from ..plan import StepPlan
+from ..program import compile as compile_program
 
 # label -> (path kind, closed loop)
 OLSS_VARIANTS = {
@@ -60,8 +61,7 @@ class Study:
 
     def run(self, plan: StepPlan) -> torch.Tensor:
         ids = np.arange(self.held_out.num_samples)
-        with torch.no_grad():
-            out = run(plan, self.held_out.model(ids), self.held_out.x_T)
+        out = reference.run(compile_program(plan), self.held_out.model(ids), self.held_out.x_T).latents
         return out.reshape(out.shape[0], -1).double().cpu()
 
     def reference(self, plan: StepPlan) -> torch.Tensor:

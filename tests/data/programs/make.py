@@ -7,7 +7,7 @@ Run from the repository root: python tests/data/programs/make.py (the outputs ar
 import json
 from pathlib import Path
 
-from fastdiff import solvers
+from fastdiff import program, solvers
 from fastdiff.schedules import PRESETS, DiscreteSchedule
 
 HERE = Path(__file__).parent
@@ -15,17 +15,17 @@ HERE = Path(__file__).parent
 
 def main() -> None:
     schedule = DiscreteSchedule.from_config(PRESETS["sd21"])
-    plan = solvers.build_variant("unipc", schedule, 6)
-    plan.save(HERE / "unipc_6.json", program=True)
+    compiled = program.compile(solvers.build_variant("unipc", schedule, 6))
+    program.save(compiled, HERE / "unipc_6.json")
     # a longer plan for the CUDA runner's tests (enough calls for the gate to skip some)
-    solvers.build_variant("dpmpp_2m", schedule, 20).save(HERE / "dpmpp_2m_20.json", program=True)
-    doc = json.loads(plan.dumps(program=True))
+    program.save(program.compile(solvers.build_variant("dpmpp_2m", schedule, 20)), HERE / "dpmpp_2m_20.json")
+    doc = json.loads(program.dumps(compiled))
     # bad: one coefficient of the program changed (the program no longer computes the plan)
     bad = json.loads(json.dumps(doc))
     bad["program"]["coef"][2][1][0] += 0.25
     (HERE / "bad_coef.json").write_text(json.dumps(bad))
     # bad: the program of another plan (DDIM at 6 steps) under this plan's coefficients
-    other = json.loads(solvers.build_variant("ddim", schedule, 6).dumps(program=True))
+    other = json.loads(program.dumps(program.compile(solvers.build_variant("ddim", schedule, 6))))
     (HERE / "bad_other_plan.json").write_text(json.dumps({**doc, "program": other["program"]}))
     # bad: a table of the wrong size
     short = json.loads(json.dumps(doc))

@@ -1,5 +1,5 @@
-"""CUDA-graph capture of module calls: static input buffers, one graph per input signature, a
-bounded LRU cache, recapture on any mismatch.
+"""CUDA-graph capture of calls (engine modules, and the whole sampling loop): static input buffers,
+one graph per input signature, a bounded LRU cache, recapture on any mismatch.
 
 A captured call replays the kernels recorded at capture time on the same memory: its inputs
 are copied into static buffers first and its output is a static buffer that the next replay
