@@ -7,7 +7,8 @@ gmm-solver-quality group, <out>/tiny_shapes.md (adherence vs steps, latency) fro
 tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solvers on held-out
 samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PSNR) and
 <out>/runtime.md (loop overhead per step, the Python reference loop vs the C++ loop),
-<out>/parity.md (difference from diffusers' own loops, per solver variant) and
+<out>/parity.md (difference from diffusers' own loops, per solver variant), <out>/backends.md
+(eager vs compiled on the CPU) and
 <out>/timings.md with every benchmark's timing statistics.
 """
 
@@ -19,13 +20,17 @@ import sys
 from pathlib import Path
 
 
-def load(paths: list[Path]) -> tuple[list[dict], dict]:
-    benchmarks, machine = [], {}
+def load(paths: list[Path]) -> tuple[list[dict], dict, str]:
+    """(benchmarks, machine_info, "commit <id> (clean tree)" or what else is known of the code)."""
+    benchmarks, machine, commits = [], {}, []
     for path in paths:
         doc = json.loads(path.read_text())
         benchmarks.extend(doc.get("benchmarks", []))
         machine = doc.get("machine_info", machine)
-    return benchmarks, machine
+        info = doc.get("commit_info", {})
+        if info.get("id"):
+            commits.append(f"commit {info['id'][:7]} ({'dirty' if info.get('dirty') else 'clean'} tree)")
+    return benchmarks, machine, ", ".join(dict.fromkeys(commits)) or "commit unknown"
 
 
 def quality_rows(benchmarks: list[dict]) -> list[dict]:
@@ -290,6 +295,24 @@ def parity_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def backends_table(benchmarks: list[dict]) -> str:
+    """eager vs compiled on the CPU, side by side (bench/test_backends_cpu.py): medians."""
+    rows = {
+        "cpu-backends-unet-step": "one guided UNet call (batch 2 x CFG)",
+        "cpu-backends-sample-20": "20-step sample, 2 prompts",
+    }
+    lines = ["| workload | eager | compiled | speed-up | compiled: first call |", "| --- | --- | --- | --- | --- |"]
+    for group, what in rows.items():
+        got = {b["extra_info"]["backend"]: b for b in benchmarks if b.get("group") == group}
+        if {"eager", "compiled"} <= set(got):
+            eager, comp = got["eager"]["stats"]["median"], got["compiled"]["stats"]["median"]
+            first = got["compiled"]["extra_info"]["first_call_s"]
+            lines.append(
+                f"| {what} | {eager * 1e3:.1f} ms | {comp * 1e3:.1f} ms | {eager / comp:.2f}x | {first:.0f} s |"
+            )
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -307,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"report: no such benchmark JSON: {missing[0]}", file=sys.stderr)
         return 2
-    benchmarks, machine = load(args.json)
+    benchmarks, machine, code = load(args.json)
     args.out.mkdir(parents=True, exist_ok=True)
-    where = f"{machine.get('cpu', {}).get('brand_raw', 'unknown CPU')}, python {machine.get('python_version', '?')}"
+    where = (
+        f"{machine.get('cpu', {}).get('brand_raw', 'unknown CPU')}, python {machine.get('python_version', '?')}, {code}"
+    )
     rows = quality_rows(benchmarks)
     if rows:
         text = (
@@ -370,7 +395,19 @@ def main(argv: list[str] | None = None) -> int:
             f"Target: C++ ≤ 0.5× Python. Machine: {where}.\n\n{runtime_table(benchmarks)}\n"
         )
         (args.out / "runtime.md").write_text(text)
-        print(f"wrote {args.out / 'runtime.md'}")
+        raw = [b for b in benchmarks if b.get("group") == "runtime-loop-overhead"]
+        (args.out / "runtime_cpu.json").write_text(
+            json.dumps({"machine_info": machine, "code": code, "benchmarks": raw}, indent=1)
+        )
+        print(f"wrote {args.out / 'runtime.md'} and {args.out / 'runtime_cpu.json'}")
+    if any(b.get("group") == "cpu-backends-unet-step" for b in benchmarks):
+        text = (
+            "# Backends on the CPU\n\ntiny-shapes, eager vs compiled (torch.compile / Inductor), side by side in one "
+            "run (bench/test_backends_cpu.py), 2 threads; medians; the first compiled call per shape compiles "
+            f"and is kept out of the timing. Machine: {where}.\n\n{backends_table(benchmarks)}\n"
+        )
+        (args.out / "backends.md").write_text(text)
+        print(f"wrote {args.out / 'backends.md'}")
     if any(b.get("group") == "solver-parity" for b in benchmarks):
         text = (
             "# Parity with diffusers\n\nEach solver variant's plan on the reference loop against the diffusers "

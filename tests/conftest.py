@@ -16,16 +16,7 @@ if not torch.cuda.is_available():
 
 from fastdiff.schedules import DiscreteSchedule
 from fastdiff.testing.gmm import GaussianMixture
-
-SD_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-}
+from fastdiff.testing.parity import SD_CONFIG  # noqa: F401 (the tests' SD schedule config)
 
 
 @pytest.fixture(scope="session")

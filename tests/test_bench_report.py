@@ -72,3 +72,29 @@ def test_olss_quality_report_renders_a_table_per_study_and_a_plot(tmp_path):
     assert "| olss_uniform_closed | — | 1.80e-02 |" in text
     assert "| teacher (1000 calls) | 1.20e-03 |" in text
     assert (tmp_path / "r" / "olss_quality.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
+    def bench(group, extra, median=0.01):
+        stats = {"mean": median, "median": median, "stddev": 0.0, "min": median, "max": median, "rounds": 1}
+        return {"name": f"x[{group}-{len(extra)}]", "group": group, "extra_info": extra, "stats": stats}
+
+    case = {"solver": "ddim", "options": {}, "float64_reference": False, "times_equal": True, "input_error": 2e-7}
+    doc = {
+        "machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"},
+        "commit_info": {"id": "0123456789abcdef", "dirty": False},
+        "benchmarks": [
+            bench("solver-parity", {**case, "result_error": 1e-7}),
+            bench("solver-parity", {**case, "result_error": 3e-7}),
+            bench("cpu-backends-unet-step", {"backend": "eager", "first_call_s": 0.1}, 0.024),
+            bench("cpu-backends-unet-step", {"backend": "compiled", "first_call_s": 38.0}, 0.012),
+        ],
+    }
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    report = _report(str(path), "--out", str(tmp_path / "results"))
+    assert report.returncode == 0, report.stderr
+    parity = (tmp_path / "results" / "parity.md").read_text()
+    assert "| ddim {} | 2 | 2.0e-07 | 3.0e-07 | 2.0e-07 | True |" in parity and "commit 0123456 (clean tree)" in parity
+    backends = (tmp_path / "results" / "backends.md").read_text()
+    assert "| one guided UNet call (batch 2 x CFG) | 24.0 ms | 12.0 ms | 2.00x | 38 s |" in backends

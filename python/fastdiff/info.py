@@ -118,7 +118,7 @@ def _backends() -> list[Feature]:
 
 
 def _loops() -> list[Feature]:
-    """Each loop on the default device with its default engine dtype (graph: with a graph backend)."""
+    """Each loop on the default device in the engine's default dtype."""
     try:
         import torch
 
@@ -128,10 +128,12 @@ def _loops() -> list[Feature]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
-    graphs = object() if cuda else None  # a GPU engine with the cuda_graph/compiled backend captures graphs
     out = []
     for name in loops.LOOPS:
-        reason = loops.why_unavailable(name, device, dtype, graphs)
+        if name == "graph" and cuda:  # it runs with the engine's graph cache: a graph backend
+            out.append(Feature("loop graph", True, "on cuda with the cuda_graph or compiled backend (auto's choice)"))
+            continue
+        reason = loops.why_unavailable(name, device, dtype)
         out.append(Feature(f"loop {name}", reason is None, reason or f"available on {device}"))
     return out
 

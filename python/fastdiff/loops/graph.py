@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 
+from ..graphs import CaptureError
 from . import reference
 from .contract import LoopResult, check_inputs, guidance_weights
 
@@ -39,8 +40,6 @@ class GraphLoop:
         check_inputs(program, x_T)
         if gate is not None or callback is not None or self.uncapturable:
             return reference.run(program, raw_fn, x_T, guidance=guidance, gate=gate, callback=callback, impl=self.impl)
-        from ..graphs import CaptureError
-
         try:
             latents = self._replay(program, raw_fn, x_T, guidance)
         except CaptureError as exc:

@@ -99,7 +99,7 @@ class _Compaction:
 
     def __init__(self, gate: GateSpec, basis: torch.Tensor, impl: str):
         batch, device = basis.shape[1], basis.device
-        self.gate, self.batch, self.impl = gate, batch, impl
+        self.gate, self.batch = gate, batch
         groups = batch if gate.per_sample else 1
         self.d1 = torch.zeros(groups, dtype=torch.float32, device=device)
         self.d2 = torch.zeros_like(self.d1)

@@ -52,7 +52,7 @@ FLOAT64_REFERENCE = [("deis", {"solver_order": 3})]
 PREDICTIONS = ("epsilon", "v_prediction")
 SPACINGS = ("leading", "trailing", "linspace")
 STEPS = (4, 7, 20)
-SD_CONFIG = {
+SD_CONFIG = {  # SD 1.x's scheduler config (also the test suite's schedule)
     "num_train_timesteps": 1000,
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
