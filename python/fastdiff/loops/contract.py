@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..dtypes import dtype_name
+from ..gate import GateSpec
 from ..program import Program
 
 RawFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -42,14 +43,16 @@ class LoopResult:
         return cls(latents, [calls] * batch, calls, [[] for _ in range(batch)])
 
 
-def check_inputs(program, x_T) -> None:
-    """TypeError/ValueError for a loop's program and initial noise."""
+def check_inputs(program, x_T, gate=None) -> None:
+    """TypeError/ValueError for a loop's program, initial noise and gate."""
     if not isinstance(program, Program):
         raise TypeError(
             f"program must be a fastdiff.program.Program (program.compile(plan)), got {type(program).__name__}"
         )
     if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.dim() < 1:
         raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
+    if gate is not None and not isinstance(gate, GateSpec):
+        raise TypeError(f"gate must be a fastdiff.gate.GateSpec or None, got {type(gate).__name__}")
 
 
 def guidance_weights(guidance, x_T: torch.Tensor) -> torch.Tensor | None:

@@ -68,10 +68,8 @@ def sampler_for(program):
 def run(program, raw_fn, x_T, *, guidance=None, gate: GateSpec | None = None, callback=None) -> LoopResult:
     """The loop contract (`fastdiff.loops.contract`) in C++; x_T: float32 CPU latents. A model
     error surfaces as the C++ SamplerError (a RuntimeError naming the failing call)."""
-    check_inputs(program, x_T)
+    check_inputs(program, x_T, gate)
     require_float32_cpu(x_T, "loop 'cpp'")
-    if gate is not None and not isinstance(gate, GateSpec):
-        raise TypeError(f"gate must be a fastdiff.gate.GateSpec or None, got {type(gate).__name__}")
     sampler = sampler_for(program)
     w = guidance_weights(guidance, x_T)
     w = None if w is None else w.detach().numpy()

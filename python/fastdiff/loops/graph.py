@@ -37,7 +37,7 @@ class GraphLoop:
         self.notes: list[str] = []
 
     def run(self, program, raw_fn, x_T, *, guidance=None, gate=None, callback=None) -> LoopResult:
-        check_inputs(program, x_T)
+        check_inputs(program, x_T, gate)
         if gate is not None or callback is not None or self.uncapturable:
             return reference.run(program, raw_fn, x_T, guidance=guidance, gate=gate, callback=callback, impl=self.impl)
         try:

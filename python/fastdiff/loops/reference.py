@@ -61,9 +61,7 @@ def run(
 def steps(program, x_T, *, guidance=None, gate=None, callback=None, impl="auto"):
     """The loop as a generator: yields a ModelCall per model call, expects its raw output sent
     back, and returns the LoopResult (StopIteration.value)."""
-    check_inputs(program, x_T)
-    if gate is not None and not isinstance(gate, GateSpec):
-        raise TypeError(f"gate must be a fastdiff.gate.GateSpec or None, got {type(gate).__name__}")
+    check_inputs(program, x_T, gate)
     impl = resolve_impl(impl, x_T.device)
     batch = x_T.shape[0]
     per_row = 1 if guidance is None else 2
