@@ -10,7 +10,7 @@ import fastdiff
 from fastdiff.engines import OutOfMemoryError, backends
 from fastdiff.graphs import CaptureError, GraphCache, StaticCall, signature
 from fastdiff.program import compile as compile_program
-from tests.conftest import cuda_syncs_raise, forbid_host_reads, toy_engine
+from tests.conftest import HostToDevice, cuda_syncs_raise, forbid_host_reads, forbid_host_to_device, toy_engine
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU (none here)")
 PROMPTS = ["a red circle on a blue background", "a green square", "two yellow triangles"]
@@ -27,7 +27,7 @@ def test_graph_cache_reuses_static_buffers_and_recaptures_on_any_mismatch():
     assert torch.equal(out1, affine(x, w))
     x2 = torch.randn(3, 5)
     out2 = cache.run(affine, (x2, w))
-    assert out2 is out1 and torch.equal(out2, affine(x2, w))  # same static output, new values
+    assert torch.equal(out2, affine(x2, w)) and torch.equal(out1, affine(x, w))  # copies of the static output
     assert cache.stats() == {"graphs": 1, "captures": 1, "replays": 2, "evictions": 0}
     cache.run(affine, (torch.randn(4, 5), w))  # batch change
     cache.run(affine, (x.double(), w.double()))  # dtype change: evicts the least recently used
@@ -37,6 +37,38 @@ def test_graph_cache_reuses_static_buffers_and_recaptures_on_any_mismatch():
     assert cache.stats()["captures"] == 4
     cache.run(affine, (x, w), extra="other")  # same tensors, another key
     assert cache.stats()["captures"] == 5
+
+
+def test_graph_cache_serves_several_threads():
+    """Engines may be called from several threads: one capture per key, and no thread ever gets
+    a result computed from another thread's inputs (which the shared static buffers would give
+    without the cache's lock: the function sleeps after its inputs were copied in)."""
+    import threading
+    import time
+
+    def slow_double(x):
+        time.sleep(0.002)
+        return x * 2
+
+    cache = GraphCache("t", mode="emulate")
+    wrong, errors = [], []
+
+    def worker(i):
+        try:
+            for j in range(15):
+                x = torch.full((4, 3), float(100 * i + j))
+                if not torch.equal(cache.run(slow_double, (x,)), x * 2):
+                    wrong.append((i, j))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong, (errors, wrong[:5])
+    assert cache.stats() == {"graphs": 1, "captures": 1, "replays": 60, "evictions": 0}
 
 
 def test_graph_cache_refuses_bad_arguments():
@@ -131,23 +163,50 @@ def test_captured_loop_matches_eager_and_recaptures_per_plan_batch_and_size(eage
 
 
 def test_captured_loop_never_reads_the_device_or_copies_to_it(graphed, monkeypatch):
-    """What a CUDA graph cannot record: host reads (syncs) and host->device copies. After the
-    capture (warm-up) the emulated replays run the same Python as the capture did."""
+    """What a CUDA graph cannot record: host reads (syncs) anywhere in the loop, and host->device
+    copies inside the graph (its inputs are prepared before it). After the capture (warm-up) the
+    emulated replays run the same Python as the capture did."""
     graphed.sample(PROMPTS[:2], steps=5, seed=0)  # captured
     denoiser = graphed.denoiser(PROMPTS[:2])
     x_T = graphed.initial_noise(2, seed=0)
     plan = graphed.plan_for("dpmpp_2m", 5)
     before = graphed.runner.graphs.captures
 
-    def refuse(*a, **k):
-        raise AssertionError("torch.tensor inside the captured loop (a host->device copy)")
+    replay = graphed.runner.graphs.run
 
+    def guarded_replay(fn, args, **kw):  # inside the graph: no host->device copies either
+        with monkeypatch.context() as inside:
+            forbid_host_to_device(inside)
+            return replay(fn, args, **kw)
+
+    monkeypatch.setattr(graphed.runner.graphs, "run", guarded_replay)
     forbid_host_reads(monkeypatch)
-    monkeypatch.setattr(torch, "tensor", refuse)
     latents = graphed.loop.run(compile_program(plan), denoiser, x_T, guidance=denoiser.guidance).latents
     monkeypatch.undo()
     assert graphed.runner.graphs.captures == before
     assert torch.isfinite(latents).all()
+
+
+@pytest.mark.parametrize(
+    "copy",
+    [
+        lambda x: x + torch.tensor(1.0),
+        lambda x: x + torch.as_tensor([1.0]),
+        lambda x: x + torch.ones(1).to(x.device),
+        lambda x: x + torch.ones(1).to(x),
+        lambda x: x + torch.tensor([2.0], device=x.device),
+        lambda x: x + torch.from_numpy(x.numpy()),
+    ],
+    ids=["tensor", "as_tensor", "to-device", "to-tensor", "factory-device", "from_numpy"],
+)
+def test_the_host_to_device_check_catches_every_form(monkeypatch, copy):
+    """The check above can fail: each way of copying host data to the device is refused."""
+    x = torch.ones(3)
+    assert copy(x).shape == (3,)  # fine without the check
+    forbid_host_to_device(monkeypatch)
+    with pytest.raises(HostToDevice):
+        copy(x)
+    assert torch.equal(x.to(torch.float64), torch.ones(3, dtype=torch.float64))  # a dtype alone is no copy
 
 
 def test_gated_and_callback_runs_use_per_call_graphs(eager, graphed):

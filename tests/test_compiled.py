@@ -107,3 +107,56 @@ def test_every_shipped_module_has_a_fingerprint():
     assert compiled.module_fingerprint(engine.conditioner.text_encoder) == compiled.module_fingerprint(
         engine.conditioner.text_encoder
     )
+
+
+def _artifact_keys(path) -> set:
+    from torch.compiler._cache import CacheArtifactManager
+
+    artifacts = CacheArtifactManager.deserialize(CompileCache.read(path)[1])
+    return {a.key for group in artifacts.values() for a in group}
+
+
+@pytest.mark.skipif(compiled._fresh_artifacts() is None, reason="this torch cannot keep modules' artefacts apart")
+def test_each_module_file_holds_only_its_own_artefacts(tmp_path):
+    """save_cache_artifacts() returns everything the process compiled; a module's file must hold
+    only what its own first call compiled (else each file grows with every other module)."""
+    torch._dynamo.reset()
+    cache = CompileCache(tmp_path)
+    x = torch.randn(3, 5)
+
+    def first(x):
+        return torch.sin(x) * 2 + 1
+
+    def second(x):
+        return torch.cos(x) - x * 3
+
+    a = compiled.CompiledCall("a", first, "fa", "cpu", cache=cache)
+    b = compiled.CompiledCall("b", second, "fb", "cpu", cache=cache)
+    assert torch.allclose(a(x), first(x)) and torch.allclose(b(x), second(x))
+    (file_a,) = tmp_path.glob("a-*.bin")
+    (file_b,) = tmp_path.glob("b-*.bin")
+    keys_a, keys_b = _artifact_keys(file_a), _artifact_keys(file_b)
+    assert keys_a and keys_b and not keys_a & keys_b
+    payload_b = CompileCache.read(file_b)[1]
+    assert not any(key.encode() in payload_b for key in keys_a), "b's file holds a's artefacts"
+
+
+def test_past_the_recompile_limit_inputs_run_eagerly_with_a_warning(tmp_path, monkeypatch):
+    """Dynamo silently stops compiling a function after recompile_limit signatures; here the
+    signature past the limit is named in a warning, runs eagerly, and says so in events."""
+    torch._dynamo.reset()
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", 1)
+
+    def f(x):
+        return torch.tanh(x) * 3
+
+    call = compiled.CompiledCall("limited", f, "fl", "cpu", cache=CompileCache(tmp_path))
+    first = torch.randn(2, 3)
+    assert torch.allclose(call(first), f(first), rtol=1e-5, atol=1e-6)  # compiled: within the limit
+    x = torch.randn(4, 3)
+    with pytest.warns(RuntimeWarning, match=r"recompile limit \(torch._dynamo.config.recompile_limit = 1\) at inputs 4x3:float32"):
+        out = call(x)
+    assert torch.equal(out, f(x))
+    assert [e[1] for e in call.events] == ["missing", "eager"]
+    assert torch.equal(call(x), f(x))  # still eager, no second warning needed

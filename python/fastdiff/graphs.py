@@ -3,7 +3,11 @@ one graph per input signature, a bounded LRU cache, recapture on any mismatch.
 
 A captured call replays the kernels recorded at capture time on the same memory: its inputs
 are copied into static buffers first and its output is a static buffer that the next replay
-of the same graph overwrites. The cache key is everything that changes which kernels run or
+of the same graph overwrites. `GraphCache.run` therefore holds the cache's lock from the copy
+in to a copy of the output, so that engines may be called from several threads: two threads
+never capture the same key twice, never interleave their inputs in one graph's buffers, and
+each gets its own result. On a GPU the next caller's stream also waits for the previous
+replay's copies (an event), whatever stream each thread uses. The cache key is everything that changes which kernels run or
 where they read: the shape, dtype, device and strides of every tensor input plus a caller's
 `extra` key (e.g. the plan's hash for a captured sampling loop), so a different resolution,
 batch or plan gets its own graph and never replays a wrong one.
@@ -16,6 +20,7 @@ it is never what a user gets from a backend on a machine without CUDA.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -47,7 +52,8 @@ def _outputs(out) -> tuple[torch.Tensor, ...]:
 
 class StaticCall:
     """fn captured for one input signature: __call__ copies the inputs in, replays, and returns
-    the static output (a tensor or tuple, overwritten by this graph's next replay)."""
+    the static output (a tensor or tuple, overwritten by this graph's next replay). Not
+    thread-safe by itself: `GraphCache` serialises its calls."""
 
     def __init__(self, fn: Callable, example: tuple, *, mode: str = "cuda", warmup: int = 2):
         if mode not in MODES:
@@ -108,10 +114,10 @@ class GraphCache:
     """Captured calls keyed on (extra, signature(args)), at most max_graphs (least recently used
     evicted: each graph holds its own memory pool).
 
-    run(fn, args, extra=key) replays the graph captured for that key, capturing fn on a miss;
-    fn must compute the same thing for every call with the same key (put whatever else it
-    depends on into `extra`). Outputs are static buffers: consume (or clone) them before the
-    next call with the same key.
+    run(fn, args, extra=key) replays the graph captured for that key, capturing fn on a miss,
+    and returns a copy of its output; fn must compute the same thing for every call with the
+    same key (put whatever else it depends on into `extra`). Safe to call from several threads
+    (one lock per cache; see the module's docstring).
     """
 
     def __init__(self, name: str, *, max_graphs: int = 4, mode: str = "cuda", warmup: int = 2):
@@ -125,24 +131,38 @@ class GraphCache:
         self.warmup = warmup
         self.graphs: OrderedDict[Hashable, StaticCall] = OrderedDict()
         self.captures = self.replays = self.evictions = 0
+        # Reentrant: a captured function may itself call through the cache (while capturing).
+        self._lock = threading.RLock()
+        self._done = None  # CUDA event after the last replay's output copies (mode "cuda")
 
     def __len__(self) -> int:
         return len(self.graphs)
 
     def run(self, fn: Callable, args: tuple, *, extra: Hashable = ()):
+        """fn(*args) through the graph captured for (extra, signature(args)): a copy of the
+        graph's output (a tensor or a tuple of tensors), the caller's to keep."""
         key = (extra, signature(args))
-        call = self.graphs.get(key)
-        if call is None:
-            call = self._capture(fn, args)
-            self.graphs[key] = call
-            self.captures += 1
-            while len(self.graphs) > self.max_graphs:
-                self.graphs.popitem(last=False)
-                self.evictions += 1
-        else:
-            self.graphs.move_to_end(key)
-        self.replays += 1
-        return call(*args)
+        device = args[0].device if args else None
+        with self._lock:
+            if self.mode == "cuda" and self._done is not None:
+                torch.cuda.current_stream(device).wait_event(self._done)
+            call = self.graphs.get(key)
+            if call is None:
+                call = self._capture(fn, args)
+                self.graphs[key] = call
+                self.captures += 1
+                while len(self.graphs) > self.max_graphs:
+                    self.graphs.popitem(last=False)
+                    self.evictions += 1
+            else:
+                self.graphs.move_to_end(key)
+            self.replays += 1
+            out = call(*args)
+            copied = tuple(o.clone() for o in out) if isinstance(out, tuple) else out.clone()
+            if self.mode == "cuda":
+                self._done = torch.cuda.Event()
+                self._done.record(torch.cuda.current_stream(device))
+            return copied
 
     def _capture(self, fn: Callable, args: tuple) -> StaticCall:
         try:
@@ -158,8 +178,9 @@ class GraphCache:
 
     def clear(self) -> None:
         """Drop every captured graph (and its memory pool)."""
-        self.evictions += len(self.graphs)
-        self.graphs.clear()
+        with self._lock:
+            self.evictions += len(self.graphs)
+            self.graphs.clear()
 
     def stats(self) -> dict:
         return {

@@ -135,7 +135,7 @@ class ModuleCall:
     """One module's call through the runner: fn(*tensors) -> tensor, compiled and/or captured.
 
     `inner` is the call without graphs (eager or compiled): what a captured sampling loop calls.
-    Calls through the graph cache return a copy of the static output unless copy=False.
+    Calls through the graph cache return a copy of the graph's static output.
     """
 
     def __init__(self, runner: Runner, name: str, fn: Callable, module: torch.nn.Module):
@@ -165,14 +165,13 @@ class ModuleCall:
     def dtype(self) -> torch.dtype:
         return next(self.module.parameters()).dtype
 
-    def __call__(self, *args, copy: bool = True):
+    def __call__(self, *args):
         graphs = self.runner.graphs
         if graphs is None or self.uncapturable:
             return self.inner(*args)
         try:
-            out = graphs.run(self.inner, args, extra=(self.name, self.dtype))
+            return graphs.run(self.inner, args, extra=(self.name, self.dtype))
         except CaptureError as exc:
             self.uncapturable = str(exc)
             warnings.warn(f"fastdiff: {self.name} runs without CUDA graphs from now on: {exc}", RuntimeWarning)
             return self.inner(*args)
-        return out.clone() if copy else out

@@ -9,7 +9,14 @@ Triton versions and the device (GPU name and compute capability, or the CPU). On
 call with a signature the file is loaded when its header matches this environment; a file
 from another torch version or GPU is stale — ignored, the module compiled afresh, and the file
 rewritten — and a file that cannot be read is ignored the same way. Nothing stale is ever
-loaded into torch.
+loaded into torch. Each file holds only what its own first call compiled (torch records the
+artefacts of that compile apart from the rest of the process's); a torch that cannot keep them
+apart gets no file rather than a file holding every module's artefacts.
+
+Shapes are static (`dynamic=False`): every input signature compiles once. Dynamo compiles one
+function at most `torch._dynamo.config.recompile_limit` times (8 by default) and then silently
+runs it uncompiled; here a signature past the limit runs eagerly *with a RuntimeWarning* naming
+the limit and how to raise it, and its event says "eager".
 """
 
 from __future__ import annotations
@@ -20,7 +27,10 @@ import os
 import platform
 import shutil
 import tempfile
+import threading
+import warnings
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +39,7 @@ from ..dtypes import dtype_name
 from ..graphs import signature
 
 MAGIC = b"FASTDIFF-COMPILE-CACHE 1\n"
+_FIRST_CALLS = threading.Lock()  # one first call (compile + its artefacts) at a time, process-wide
 
 
 def cache_root() -> Path:
@@ -40,6 +51,38 @@ def supported() -> bool:
     """Whether this torch can save and load compile artefacts (torch >= 2.7)."""
     compiler = getattr(torch, "compiler", None)
     return hasattr(compiler, "save_cache_artifacts") and hasattr(compiler, "load_cache_artifacts")
+
+
+def _fresh_artifacts():
+    """A context in which torch records only the compile artefacts made inside it, or None when
+    this torch cannot keep them apart (CacheArtifactManager.with_fresh_cache, torch >= 2.8)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:
+        return None
+    return getattr(CacheArtifactManager, "with_fresh_cache", None)
+
+
+def recompile_limit() -> int | None:
+    """Dynamo's per-function compile limit (recompile_limit; cache_size_limit before torch 2.6)."""
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", getattr(config, "cache_size_limit", None))
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def _limit_hit() -> type[Exception]:
+    """What Dynamo raises instead of falling back to eager when fail_on_recompile_limit_hit is set."""
+    return getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", _NeverRaised)
+
+
+def _fail_on_limit():
+    config = torch._dynamo.config
+    if hasattr(config, "fail_on_recompile_limit_hit"):
+        return config.patch(fail_on_recompile_limit_hit=True)
+    return nullcontext()
 
 
 def why_not_compilable(device) -> str | None:
@@ -168,36 +211,62 @@ class CompiledCall:
         mode: str | None = None,
     ):
         self.name = name
+        self.fn = fn
         self.fingerprint = fingerprint
         self.device = torch.device(device)
         self.cache = cache if cache is not None else (CompileCache() if supported() else None)
         self.compiled = torch.compile(fn, dynamic=False, mode=mode)
         self.seen: set = set()
+        self.eager: set = set()  # signatures past Dynamo's recompile limit: run uncompiled
         self.events: list[tuple[str, str, str]] = []
 
     def __call__(self, *args):
         sig = signature(args)
         if sig in self.seen:
-            return self.compiled(*args)
-        return self._first_call(sig, args)
+            return self.fn(*args) if sig in self.eager else self.compiled(*args)
+        with _FIRST_CALLS:
+            if sig in self.seen:  # another thread compiled it meanwhile
+                return self(*args)
+            return self._first_call(sig, args)
 
     def _first_call(self, sig: tuple, args: tuple):
         described = _describe_signature(sig)
         status, detail = "uncached", "this torch cannot save compile artefacts"
         path = env = None
-        if self.cache is not None:
+        fresh = _fresh_artifacts()
+        if self.cache is not None and fresh is None:
+            detail = "this torch cannot keep one module's compile artefacts apart from the others'"
+        elif self.cache is not None:
             env = environment(self.device)
             path = self.cache.path(self.name, self.fingerprint, sig)
             status, detail = self.cache.load(path, env)
-        try:
-            out = self.compiled(*args)
-        except Exception as exc:
-            raise RuntimeError(
-                f"torch.compile of {self.name} failed for inputs {described}: {type(exc).__name__}: {exc}. "
-                "Use backend='eager' (or 'cuda_graph' on a GPU) for this model"
-            ) from exc
-        if path is not None and status != "loaded":
-            self.cache.save(path, env, f"{self.name} {described}")
+        with fresh() if path is not None else nullcontext():
+            try:
+                with _fail_on_limit():
+                    out = self.compiled(*args)
+            except _limit_hit():
+                return self._past_limit(sig, described, args)
+            except Exception as exc:
+                raise RuntimeError(
+                    f"torch.compile of {self.name} failed for inputs {described}: {type(exc).__name__}: {exc}. "
+                    "Use backend='eager' (or 'cuda_graph' on a GPU) for this model"
+                ) from exc
+            if path is not None and status != "loaded":
+                self.cache.save(path, env, f"{self.name} {described}")
         self.seen.add(sig)
         self.events.append((described, status, detail))
         return out
+
+    def _past_limit(self, sig: tuple, described: str, args: tuple):
+        limit = recompile_limit()
+        detail = (
+            f"torch.compile of {self.name} reached Dynamo's recompile limit "
+            f"(torch._dynamo.config.recompile_limit = {limit}) at inputs {described}: these inputs run "
+            "eagerly (not compiled); set torch._dynamo.config.recompile_limit higher before the first call, "
+            "or use fewer shapes"
+        )
+        warnings.warn(f"fastdiff: {detail}", RuntimeWarning, stacklevel=4)
+        self.eager.add(sig)
+        self.seen.add(sig)
+        self.events.append((described, "eager", detail))
+        return self.fn(*args)

@@ -56,11 +56,16 @@ def check_inputs(program, x_T, gate=None) -> None:
 
 
 def guidance_weights(guidance, x_T: torch.Tensor) -> torch.Tensor | None:
-    """One weight per sample on x_T's device: float32, float64 for float64 latents."""
+    """One weight per sample on x_T's device: float32, float64 for float64 latents. Weights
+    already on that device are never copied through the host (inside a captured loop they are
+    the graph's static input)."""
     if guidance is None:
         return None
     dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
-    w = torch.as_tensor(guidance, dtype=dtype, device=x_T.device).reshape(-1)
+    if isinstance(guidance, torch.Tensor) and guidance.device == x_T.device:
+        w = guidance.to(dtype).reshape(-1)
+    else:
+        w = torch.as_tensor(guidance, dtype=dtype, device=x_T.device).reshape(-1)
     if w.numel() == 1:
         return w.expand(x_T.shape[0]).contiguous()
     if w.numel() != x_T.shape[0]:

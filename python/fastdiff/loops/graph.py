@@ -50,7 +50,7 @@ class GraphLoop:
         return LoopResult.ungated(latents, program.num_steps)
 
     def _replay(self, program, raw_fn, x_T, guidance):
-        """The captured loop's result for these inputs (a copy: the graph's output is static)."""
+        """The captured loop's result for these inputs (the cache returns a copy of the graph's output)."""
         inputs = tuple(raw_fn.capture_inputs()) if hasattr(raw_fn, "capture_inputs") else ()
         w = guidance_weights(guidance, x_T)
         count = len(inputs)
@@ -63,4 +63,4 @@ class GraphLoop:
 
         args = (x_T, *inputs) + ((w,) if w is not None else ())
         key = ("loop", program.key, getattr(raw_fn, "capture_key", None))
-        return self.graphs.run(sampling_loop, args, extra=key).clone()
+        return self.graphs.run(sampling_loop, args, extra=key)
