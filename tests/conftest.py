@@ -112,6 +112,47 @@ def forbid_host_reads(monkeypatch) -> None:
         monkeypatch.setattr(torch.Tensor, method, refuse)
 
 
+class HostToDevice(AssertionError):
+    pass
+
+
+# Tensor factories that carry host data: with or without device=, on a GPU they copy it there.
+# (torch.empty/zeros/full(..., device=) are allocations and fill kernels, which a CUDA graph
+# records like any kernel: they are not copies and are allowed.)
+_FACTORIES = ("tensor", "as_tensor", "asarray", "from_numpy")
+
+
+def _names_a_device(args, kwargs) -> bool:
+    if kwargs.get("device") is not None:
+        return True
+    return any(isinstance(a, (str, int, torch.device, torch.Tensor)) and not isinstance(a, bool) for a in args)
+
+
+def forbid_host_to_device(monkeypatch) -> None:
+    """Make what copies host data to the device raise HostToDevice: the factories of host data
+    (torch.tensor / as_tensor / asarray / from_numpy, device= or not), Tensor.to(device) /
+    .to(other tensor) and Tensor.cuda(). On the CPU every tensor is on the host, so any such call
+    in the guarded code is refused: on a GPU it would be a host->device copy."""
+    for name in _FACTORIES:
+
+        def refuse(*args, _name=name, **kwargs):
+            raise HostToDevice(f"torch.{_name}() (a host->device copy on a GPU)")
+
+        monkeypatch.setattr(torch, name, refuse)
+    to = torch.Tensor.to
+
+    def guarded_to(self, *args, **kwargs):
+        if _names_a_device(args, kwargs):
+            raise HostToDevice(f"Tensor.to({', '.join(map(repr, args))}) names a device (a host->device copy on a GPU)")
+        return to(self, *args, **kwargs)
+
+    def refuse_cuda(self, *args, **kwargs):
+        raise HostToDevice("Tensor.cuda() (a host->device copy)")
+
+    monkeypatch.setattr(torch.Tensor, "to", guarded_to)
+    monkeypatch.setattr(torch.Tensor, "cuda", refuse_cuda)
+
+
 @contextlib.contextmanager
 def cuda_syncs_raise():
     """Inside, any device->host synchronisation on CUDA raises."""

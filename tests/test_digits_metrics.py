@@ -31,7 +31,7 @@ def test_shipped_classifier_reads_the_real_digits():
     try:
         model = classifier()
     except ModelNotFoundError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"the committed digits classifier did not load: {exc}")
     images, labels = load_data()
-    assert digits_accuracy(images, labels.tolist(), model) >= 0.97
+    assert digits_accuracy(images, labels.tolist(), model) >= 0.995  # measured 0.9978 (4 of 1797 wrong)
     assert digits_fd(images, model) == pytest.approx(0.0, abs=1e-6)

@@ -1,5 +1,7 @@
-"""Smoke tests of the shipped weights (skipped if engines/ lacks them). Quality numbers are
-measured by bench/; these only catch a broken artifact or loader."""
+"""Tests of the shipped weights: they are committed, so a model that does not load FAILS (it is
+never skipped). Quality is measured by bench/; the thresholds here sit just under what was
+measured at these settings (adherence 1.0 on 24 scenes, digits accuracy 1.0 on 50 images:
+torch 2.13.0+cpu, 2-core Intel Xeon), so a real regression of one or two images fails."""
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ def _engine(name):
     try:
         return fastdiff.build_engine(name, device="cpu")
     except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"the committed {name} engine did not load: {exc}")
 
 
 def test_tiny_shapes_draws_what_it_is_told():
@@ -23,14 +25,13 @@ def test_tiny_shapes_draws_what_it_is_told():
     engine = _engine("tiny-shapes")
     prompts = [s.caption for s in random_scenes(24, torch.Generator().manual_seed(99))]
     out = engine.sample(prompts, steps=20, seed=0)
-    assert shapes_score(out.images, prompts)["adherence"] >= 0.75
+    assert shapes_score(out.images, prompts)["adherence"] >= 0.95  # measured 1.0: one miss of 24 passes
 
 
 def test_tiny_shapes_loads_in_an_unmodified_diffusers_pipeline():
     diffusers = pytest.importorskip("diffusers")
     path = engines_dir() / "tiny-shapes"
-    if not (path / "model_index.json").is_file():
-        pytest.skip(f"no shipped tiny-shapes in {path}")
+    assert (path / "model_index.json").is_file(), f"the committed tiny-shapes is missing from {path}"
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(path)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -42,7 +43,7 @@ def test_digits_draws_the_requested_digits():
     engine = _engine("digits")
     labels = [d for d in range(10) for _ in range(5)]
     out = engine.sample([str(d) for d in labels], steps=20, seed=0)
-    assert digits_accuracy(out.images, labels) >= 0.8
+    assert digits_accuracy(out.images, labels) >= 0.96  # measured 1.0: two misses of 50 pass
 
 
 def test_engine_size_stays_small():
