@@ -1,6 +1,7 @@
 """Packaging rules: setup.py never imports torch; the pure-Python package works without _C."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,22 @@ def test_info_reports_nvcc(tmp_path):
     fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
     fake.chmod(0o755)
     found = _nvcc(which=lambda name: str(fake))
-    assert found.available and "CUDA 12.4" in found.detail, found
+    assert found.available and "CUDA 12.4" in found.detail and ">= 12.3" in found.detail, found
+    fake.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.2, V12.2.140'\n")
+    old = _nvcc(which=lambda name: str(fake))
+    assert not old.available and "CUDA 12.2" in old.detail and "needs CUDA >= 12.3" in old.detail, old
     fake.write_text("#!/bin/sh\necho nonsense\n")
     broken = _nvcc(which=lambda name: str(fake))
     assert not broken.available and "no release number" in broken.detail
+
+
+def test_cuda_minimum_is_the_same_everywhere():
+    """The CUDA runner example's minimum CUDA: its compat header, CMake and `fastdiff info` agree."""
+    from fastdiff.info import CUDA_RUNNER_MIN
+
+    header = (ROOT / "csrc/examples/cuda_runner/cuda_compat.h").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    in_header = int(re.search(r"#define FASTDIFF_CUDA_MIN_VERSION (\d+)", header).group(1))
+    in_cmake = re.search(r"set\(FASTDIFF_CUDA_MIN_VERSION (\d+)\.(\d+)\)", cmake).groups()
+    assert in_header == CUDA_RUNNER_MIN[0] * 1000 + CUDA_RUNNER_MIN[1] * 10
+    assert tuple(int(part) for part in in_cmake) == CUDA_RUNNER_MIN

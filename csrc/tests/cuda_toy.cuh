@@ -67,9 +67,11 @@ class ToyCuda : public fastdiff::cuda::DeviceDenoiser {
  public:
   explicit ToyCuda(int kernels = 1, bool capturable = true, int64_t scratch = 1 << 16)
       : kernels_(kernels), capturable_(capturable), scratch_size_(scratch) {
-    if (kernels_ > 1 && cudaMalloc(&scratch_, scratch_size_ * sizeof(float)) != cudaSuccess)
-      throw std::runtime_error("ToyCuda: cudaMalloc failed");
-    if (scratch_ != nullptr) cudaMemset(scratch_, 0, scratch_size_ * sizeof(float));
+    if (kernels_ > 1) {
+      if (cudaMalloc(&scratch_, scratch_size_ * sizeof(float)) != cudaSuccess)
+        throw std::runtime_error("ToyCuda: cudaMalloc failed");
+      zero_scratch();
+    }
   }
   ~ToyCuda() override {
     if (scratch_ != nullptr) cudaFree(scratch_);
@@ -99,6 +101,20 @@ class ToyCuda : public fastdiff::cuda::DeviceDenoiser {
   bool capturable_;
   int64_t scratch_size_;
   float* scratch_ = nullptr;
+
+  // On a stream of its own, waited for there: the runner's streams do not wait for the legacy
+  // stream, and a device-wide synchronisation would invalidate another thread's capture.
+  void zero_scratch() {
+    cudaStream_t s = nullptr;
+    bool ok = cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess;
+    ok = ok && cudaMemsetAsync(scratch_, 0, scratch_size_ * sizeof(float), s) == cudaSuccess;
+    ok = ok && cudaStreamSynchronize(s) == cudaSuccess;
+    if (s != nullptr) cudaStreamDestroy(s);
+    if (!ok) {
+      cudaFree(scratch_);
+      throw std::runtime_error("ToyCuda: zeroing the scratch buffer failed");
+    }
+  }
 };
 
 }  // namespace fastdiff_toy

@@ -3,12 +3,14 @@
 // flag, one graph with conditional nodes), with and without guidance and the gate, batch 3 at an
 // odd sample shape, graph replays, errors named with their call, and one runner per thread.
 //
-// The host-side checks (the toy's CPU twin makes the gate skip calls, option errors) run
-// everywhere. Without a CUDA device the device checks cannot run: the test prints why and exits
-// 77, which CTest reports as skipped (SKIP_RETURN_CODE), not passed.
+// The host-side checks (the toy's CPU twin makes the gate skip calls, option errors, which CUDA
+// errors fall back from one graph and which are thrown) run everywhere. Without a CUDA device the
+// device checks cannot run: the test prints why and exits 77, which CTest reports as skipped
+// (SKIP_RETURN_CODE), not passed.
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -93,19 +95,53 @@ void check_host(const fastdiff::StepPlan& plan) {
   CHECK(fastdiff::cuda::parse_mode("step_graphs") == Mode::kStepGraphs, "parse_mode");
 }
 
+// Only errors meaning "conditional nodes are unsupported here" fall back from one graph to step
+// graphs; a capture that failed for any other reason is thrown, named.
+void check_capture_errors() {
+  using fastdiff::cuda::conditional_nodes_unsupported;
+  for (cudaError_t err : {cudaErrorNotSupported, cudaErrorCallRequiresNewerDriver, cudaErrorInsufficientDriver})
+    CHECK(conditional_nodes_unsupported(err), "%s should fall back to step graphs", cudaGetErrorName(err));
+  for (cudaError_t err : {cudaSuccess, cudaErrorStreamCaptureInvalidated, cudaErrorStreamCaptureUnsupported,
+                          cudaErrorStreamCaptureImplicit, cudaErrorStreamCaptureWrongThread, cudaErrorInvalidValue,
+                          cudaErrorIllegalAddress, cudaErrorMemoryAllocation})
+    CHECK(!conditional_nodes_unsupported(err), "%s must be thrown, not a fallback", cudaGetErrorName(err));
+  const std::string text =
+      fastdiff::cuda::cuda_error_text(cudaErrorStreamCaptureInvalidated, "cudaStreamEndCapture (model call 3)");
+  CHECK(contains(text, "cudaStreamEndCapture (model call 3)") && contains(text, "cudaErrorStreamCaptureInvalidated"),
+        "the error names neither the call nor the CUDA error: '%s'", text.c_str());
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(fastdiff::cuda::cuda_error_text(err, what));
+}
+
+// Device memory with a stream of its own: copies are ordered on that stream and waited for there,
+// never with cudaDeviceSynchronize, which would invalidate the capture another thread's runner
+// may be making (check_threads).
 struct DeviceBuffer {
   float* p = nullptr;
+  cudaStream_t stream = nullptr;
   explicit DeviceBuffer(size_t n) {
-    if (cudaMalloc(&p, n * sizeof(float)) != cudaSuccess) throw std::runtime_error("cudaMalloc");
+    check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate (test buffer)");
+    const cudaError_t err = cudaMalloc(&p, n * sizeof(float));
+    if (err != cudaSuccess) cudaStreamDestroy(stream);
+    check_cuda(err, "cudaMalloc (test buffer)");
   }
-  ~DeviceBuffer() { cudaFree(p); }
+  ~DeviceBuffer() {
+    cudaFree(p);
+    cudaStreamDestroy(stream);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  // Complete on return, as CudaRunner::run requires of x_T (its stream does not wait for this one).
   void upload(const std::vector<float>& v) {
-    cudaMemcpy(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice);
-    cudaDeviceSynchronize();  // a pageable copy may return before its DMA lands; the runner's stream won't wait
+    check_cuda(cudaMemcpyAsync(p, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice, stream), "upload");
+    check_cuda(cudaStreamSynchronize(stream), "upload (stream synchronize)");
   }
   std::vector<float> download(size_t n) const {
     std::vector<float> v(n);
-    cudaMemcpy(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost);
+    check_cuda(cudaMemcpyAsync(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost, stream), "download");
+    check_cuda(cudaStreamSynchronize(stream), "download (stream synchronize)");
     return v;
   }
 };
@@ -236,6 +272,7 @@ int main(int argc, char** argv) {
   const fastdiff::StepPlan long_plan = fastdiff::load_plan(dir + "/dpmpp_2m_20.json");
   const fastdiff::StepPlan short_plan = fastdiff::load_plan(dir + "/unipc_6.json");
   check_host(long_plan);
+  check_capture_errors();
   if (fastdiff_test::failures) TEST_MAIN_END();
 
   const auto caps = fastdiff::cuda::capabilities();

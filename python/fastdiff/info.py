@@ -9,6 +9,11 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
+# The oldest CUDA the CUDA runner example builds with: 12.3 brought conditional graph nodes and
+# cudaStreamBeginCaptureToGraph (csrc/examples/cuda_runner/cuda_compat.h). CMakeLists.txt skips
+# the example with an older nvcc; tests/test_build.py holds the three in step.
+CUDA_RUNNER_MIN = (12, 3)
+
 
 @dataclass(frozen=True)
 class Feature:
@@ -79,14 +84,24 @@ def _nvcc(which=shutil.which) -> Feature:
         text = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         return Feature(label, False, f"{path} does not run: {exc}")
-    found = re.search(r"release ([0-9.]+)", text)
+    found = re.search(r"release ([0-9]+)\.([0-9]+)", text)
     if found is None:
         return Feature(label, False, f"{path} --version printed no release number")
+    version = (int(found.group(1)), int(found.group(2)))
+    release, needed = f"{version[0]}.{version[1]}", "{}.{}".format(*CUDA_RUNNER_MIN)
+    if version < CUDA_RUNNER_MIN:
+        return Feature(
+            label,
+            False,
+            f"CUDA {release} at {path}, but the CUDA runner example needs CUDA >= {needed} (conditional graph"
+            " nodes): CMake skips it and builds the CPU runtime only",
+        )
     return Feature(
         label,
         True,
-        f"CUDA {found.group(1)} at {path}: `cmake -S . -B build` builds the CUDA runner example, its test and"
-        " fastdiff_bench_cuda (they run where a CUDA device is)",
+        f"CUDA {release} at {path}: `cmake -S . -B build` builds the CUDA runner example (needs CUDA >= {needed}),"
+        f" its test and fastdiff_bench_cuda (they run where a CUDA device is; one graph with the gate needs a"
+        f" driver >= {needed}, else it falls back to per-step graphs)",
     )
 
 

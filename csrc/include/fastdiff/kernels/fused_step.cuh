@@ -22,51 +22,20 @@
 // runs in double in a different order (a tree per block), which can change a decision only when
 // the float-rounded statistic lands exactly on a rounding boundary.
 //
-// The kernels are `static` so that more than one translation unit may include this header.
+// The View, the gate state and the launch shape (kThreads) are in fastdiff/kernels/view.h, which
+// host code without a CUDA compiler can include. The kernels are `static` so that more than one
+// translation unit may include this header.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "fastdiff/kernels/view.h"
 #include "fastdiff/step_math.h"
 
 namespace fastdiff {
 namespace kernels {
-
-constexpr int kThreads = 256;
-constexpr int kMaxBlocksPerSample = 128;
-
-// The gate's state on the device (one decision group: the batch).
-struct GateDev {
-  float d1;
-  float d2;
-  int run;
-  int calls;
-};
-
-// Device pointers and sizes the kernels share.
-struct View {
-  float* basis;         // [num_rows, batch*m]
-  float* raw;           // [(guided ? 2 : 1) * batch, m]
-  float* gout;          // [batch, m] last guided output (gated only)
-  float* w;             // [batch] guidance weights
-  const int* dst;       // [N*2]
-  const float* gcoef;   // [N*2]
-  const int* src;       // [N*2*width]
-  const float* coef;    // [N*2*width]
-  int* skip;            // [N] 1: call k skipped
-  int* status;          // first call with non-finite guided output, or -1
-  double* partial;      // [batch, blocks] gate statistic partial sums
-  GateDev* gate;
-  int64_t m;
-  int64_t bm;
-  int width;
-  int blocks;
-  int steps;
-  bool guided;
-  bool gated;
-};
 
 static __global__ void init_kernel(View v, const float* __restrict__ x_T, int init_row, float init_coef) {
   float* row = v.basis + static_cast<int64_t>(init_row) * v.bm;

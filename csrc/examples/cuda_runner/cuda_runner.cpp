@@ -1,38 +1,64 @@
 // The CUDA runner's host side (see cuda_runner.h for the modes and what this example is): device
-// buffers, the program upload, streams, graph capture with conditional nodes, and the launches of
-// the kernels in fastdiff/kernels/fused_step.cuh.
+// buffers, the program upload, streams, graph capture with conditional nodes. Plain C++ against
+// cuda_runtime_api.h: the kernels of fastdiff/kernels/fused_step.cuh are launched through
+// launch.h (launch.cu, the one file nvcc compiles), and the calls that differ between CUDA 12 and
+// 13 go through cuda_compat.h.
 //
 // Per call k: [model call k] -> step_kernel (guidance, the program's two rows, the per-block
 // partial sums of the gate statistic) -> decide_kernel (the gate's decision for call k+1, written
 // to device memory and, inside one graph, to call k+1's conditional handle).
 #include "cuda_runner.h"
 
-#include <cuda_runtime.h>
+#include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <cmath>
 #include <exception>
+#include <stdexcept>
 #include <string>
 #include <utility>
 
-#include "fastdiff/kernels/fused_step.cuh"
+#include "cuda_compat.h"
+#include "fastdiff/kernels/view.h"
 #include "fastdiff/program.h"
+#include "launch.h"
 
 namespace fastdiff {
 namespace cuda {
 namespace {
 
 void check(cudaError_t err, const std::string& what) {
-  if (err != cudaSuccess)
-    throw SamplerError("CUDA error in " + what + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
+  if (err != cudaSuccess) throw SamplerError(cuda_error_text(err, what));
 }
 
+// Raised while building the one graph when a call that only conditional nodes need fails with an
+// error that means they are unsupported here (conditional_nodes_unsupported): the runner then
+// falls back to step graphs, and its note carries this message.
+struct NoConditionalNodes : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What a failure to build a conditional body most often means, added to the errors that name one.
+const char* const kBodyRules =
+    "; a conditional node's body (a model call, here) may hold only kernels, memsets, memcopies and child "
+    "graphs: no host functions, memory allocations or frees, event records or waits; mode step_graphs "
+    "captures the model without conditional nodes";
+
+// Checks a call that only conditional nodes need: an unsupported-here error falls back
+// (NoConditionalNodes), any other is a failure (SamplerError, with `hint`), never a silent downgrade.
+void check_conditional(cudaError_t err, const std::string& what, const char* hint = "") {
+  if (err == cudaSuccess) return;
+  if (conditional_nodes_unsupported(err)) throw NoConditionalNodes(cuda_error_text(err, what));
+  throw SamplerError(cuda_error_text(err, what) + hint);
+}
+
+// Zeroed device memory, ordered on `stream` like every later use of it.
 template <typename T>
-T* device_alloc(std::vector<void*>& owned, size_t count, const char* what) {
+T* device_alloc(std::vector<void*>& owned, cudaStream_t stream, size_t count, const char* what) {
   void* p = nullptr;
   check(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)), std::string("cudaMalloc (") + what + ")");
   owned.push_back(p);
-  check(cudaMemset(p, 0, std::max<size_t>(count, 1) * sizeof(T)), std::string("cudaMemset (") + what + ")");
+  check(cudaMemsetAsync(p, 0, std::max<size_t>(count, 1) * sizeof(T), stream),
+        std::string("cudaMemsetAsync (") + what + ")");
   return static_cast<T*>(p);
 }
 
@@ -63,12 +89,22 @@ void abort_capture(cudaStream_t stream, bool own_graph) {
   cudaGetLastError();  // clear the error the interrupted capture left
 }
 
-// Raised inside a one-graph capture when conditional nodes turn out not to work here.
-struct NoConditionalNodes : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
 }  // namespace
+
+std::string cuda_error_text(cudaError_t err, const std::string& call) {
+  return "CUDA error in " + call + ": " + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+}
+
+bool conditional_nodes_unsupported(cudaError_t err) {
+  switch (err) {
+    case cudaErrorNotSupported:             // the device or driver has no such node or call
+    case cudaErrorCallRequiresNewerDriver:  // the runtime has the call, the driver does not
+    case cudaErrorInsufficientDriver:       // the driver is older than the runtime
+      return true;
+    default:
+      return false;
+  }
+}
 
 const char* mode_name(Mode mode) {
   switch (mode) {
@@ -99,11 +135,14 @@ Capabilities capabilities() {
     c.reason = "no CUDA device";
   }
   auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); };
+  const std::string needed = ver(FASTDIFF_CUDA_MIN_VERSION);
   if (c.device_count > 0) {
-    if (c.runtime_version < 12040)
-      c.reason = "conditional graph nodes need a CUDA runtime >= 12.4 (this build: " + ver(c.runtime_version) + ")";
-    else if (c.driver_version < 12040)
-      c.reason = "conditional graph nodes need a CUDA driver >= 12.4 (this driver: " + ver(c.driver_version) + ")";
+    if (c.runtime_version < FASTDIFF_CUDA_MIN_VERSION)
+      c.reason = "conditional graph nodes need a CUDA runtime >= " + needed + " (this runtime: " +
+                 ver(c.runtime_version) + ")";
+    else if (c.driver_version < FASTDIFF_CUDA_MIN_VERSION)
+      c.reason = "conditional graph nodes need a CUDA driver >= " + needed + " (this driver: " +
+                 ver(c.driver_version) + ")";
     else
       c.conditional_nodes = true;
   }
@@ -175,27 +214,22 @@ struct CudaRunner::Impl {
     check(cudaGetLastError(), "model call " + std::to_string(k));
   }
 
-  void launch_init(cudaStream_t s) {
-    const int grid = static_cast<int>(std::min<int64_t>((v.bm + kernels::kThreads - 1) / kernels::kThreads, 1024));
-    kernels::init_kernel<<<grid, kernels::kThreads, 0, s>>>(v, x_stage, static_cast<int>(program->init_row),
-                                                            static_cast<float>(program->init_coef));
-    check(cudaGetLastError(), "init_kernel");
+  void enqueue_init(cudaStream_t s) {
+    check(launch_init(v, x_stage, static_cast<int>(program->init_row), static_cast<float>(program->init_coef), s),
+          "init_kernel");
   }
 
   // The fused step of call k and, with the gate, the decision for call k+1.
-  void launch_step(int k, cudaStream_t s, cudaGraphConditionalHandle next, bool set_conditional) {
-    kernels::step_kernel<<<dim3(v.blocks, static_cast<unsigned>(opt.batch)), kernels::kThreads, 0, s>>>(
-        v, k, program->x_row[k]);
-    check(cudaGetLastError(), "step_kernel (call " + std::to_string(k) + ")");
-    if (opt.gated && k + 1 < steps) {
-      kernels::decide_kernel<<<1, 1, 0, s>>>(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta),
-                                             opt.gate.max_skips, opt.gate.warmup, next, set_conditional ? 1 : 0);
-      check(cudaGetLastError(), "decide_kernel (call " + std::to_string(k) + ")");
-    }
+  void enqueue_step(int k, cudaStream_t s, cudaGraphConditionalHandle next, bool set_conditional) {
+    check(launch_step(v, k, program->x_row[k], opt.batch, s), "step_kernel (call " + std::to_string(k) + ")");
+    if (opt.gated && k + 1 < steps)
+      check(launch_decide(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta), opt.gate.max_skips,
+                          opt.gate.warmup, next, set_conditional, s),
+            "decide_kernel (call " + std::to_string(k) + ")");
   }
 
-  // Captures body() on s and instantiates it. With `conditional`, an instantiation failure means
-  // this driver or this model's work cannot run inside conditional nodes (NoConditionalNodes).
+  // Captures body() on s and instantiates it. With `conditional` (the graph holds conditional
+  // nodes), an instantiation error goes through check_conditional.
   template <typename F>
   cudaGraphExec_t capture(cudaStream_t s, const std::string& what, F&& body, bool conditional = false) {
     check(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture (" + what + ")");
@@ -211,73 +245,66 @@ struct CudaRunner::Impl {
     cudaGraphExec_t exec = nullptr;
     const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
-    if (err != cudaSuccess && conditional) {
-      cudaGetLastError();
-      throw NoConditionalNodes(std::string("cudaGraphInstantiate (graph with conditional nodes): ") +
-                               cudaGetErrorString(err));
-    }
-    check(err, "cudaGraphInstantiate (" + what + ")");
+    if (conditional)
+      check_conditional(err, "cudaGraphInstantiate (" + what + ", with conditional nodes)", kBodyRules);
+    else
+      check(err, "cudaGraphInstantiate (" + what + ")");
     return exec;
   }
 
   void capture_step_graphs() {
     for (int k = 0; k < steps; ++k) {
       model_exec.push_back(capture(stream, "model call " + std::to_string(k), [&] { model_call(k, stream); }));
-      step_exec.push_back(capture(stream, "step " + std::to_string(k), [&] { launch_step(k, stream, 0, false); }));
+      step_exec.push_back(capture(stream, "step " + std::to_string(k), [&] { enqueue_step(k, stream, 0, false); }));
     }
   }
 
   // Adds an IF node on `handle` at the capture point of `stream` and captures model call k into
   // its body on the side stream.
   void conditional_model_call(int k, cudaGraphConditionalHandle handle) {
-    cudaStreamCaptureStatus status;
+    const std::string call = "model call " + std::to_string(k);
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
     cudaGraph_t graph = nullptr;
     const cudaGraphNode_t* deps = nullptr;
     size_t ndeps = 0;
-    check(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, &deps, nullptr, &ndeps),
-          "cudaStreamGetCaptureInfo");
+    check(compat::capture_info(stream, &status, &graph, &deps, &ndeps),
+          "cudaStreamGetCaptureInfo (one graph, before " + call + ")");
     cudaGraphNodeParams params = {};
     params.type = cudaGraphNodeTypeConditional;
     params.conditional.handle = handle;
     params.conditional.type = cudaGraphCondTypeIf;
     params.conditional.size = 1;
     cudaGraphNode_t node = nullptr;
-    const cudaError_t err = cudaGraphAddNode(&node, graph, deps, nullptr, ndeps, &params);
-    if (err != cudaSuccess)
-      throw NoConditionalNodes(std::string("cudaGraphAddNode(conditional IF): ") + cudaGetErrorString(err));
-    check(cudaStreamUpdateCaptureDependencies(stream, &node, nullptr, 1, cudaStreamSetCaptureDependencies),
-          "cudaStreamUpdateCaptureDependencies");
+    check_conditional(compat::add_node(&node, graph, deps, ndeps, &params),
+                      "cudaGraphAddNode (conditional IF node of " + call + ")");
+    check(compat::set_capture_dependencies(stream, &node, 1),
+          "cudaStreamUpdateCaptureDependencies (after the IF node of " + call + ")");
     cudaGraph_t body = params.conditional.phGraph_out[0];
-    check(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeThreadLocal),
-          "cudaStreamBeginCaptureToGraph (model call " + std::to_string(k) + ")");
+    check_conditional(cudaStreamBeginCaptureToGraph(side, body, nullptr, nullptr, 0, cudaStreamCaptureModeThreadLocal),
+                      "cudaStreamBeginCaptureToGraph (the IF node's body, " + call + ")");
     model_call(k, side);
-    const cudaError_t end = cudaStreamEndCapture(side, &body);
-    if (end != cudaSuccess)  // e.g. work a conditional body cannot hold (host nodes, allocations)
-      throw NoConditionalNodes("capturing model call " + std::to_string(k) + " into a conditional body: " +
-                               cudaGetErrorString(end));
+    check_conditional(cudaStreamEndCapture(side, &body), "cudaStreamEndCapture (" + call + " into its IF node's body)",
+                      kBodyRules);
   }
 
   void capture_one_graph() {
     whole = capture(stream, "one graph", [&] {
       std::vector<cudaGraphConditionalHandle> handles(steps, 0);
       if (opt.gated) {
-        cudaStreamCaptureStatus status;
+        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
         cudaGraph_t graph = nullptr;
-        check(cudaStreamGetCaptureInfo(stream, &status, nullptr, &graph, nullptr, nullptr, nullptr),
-              "cudaStreamGetCaptureInfo");
-        for (int k = 1; k < steps; ++k) {
-          const cudaError_t err = cudaGraphConditionalHandleCreate(&handles[k], graph, 1, cudaGraphCondAssignDefault);
-          if (err != cudaSuccess)
-            throw NoConditionalNodes(std::string("cudaGraphConditionalHandleCreate: ") + cudaGetErrorString(err));
-        }
+        check(compat::capture_info(stream, &status, &graph, nullptr, nullptr), "cudaStreamGetCaptureInfo (one graph)");
+        for (int k = 1; k < steps; ++k)
+          check_conditional(cudaGraphConditionalHandleCreate(&handles[k], graph, 1, cudaGraphCondAssignDefault),
+                            "cudaGraphConditionalHandleCreate (model call " + std::to_string(k) + ")");
       }
-      launch_init(stream);
+      enqueue_init(stream);
       for (int k = 0; k < steps; ++k) {
         if (opt.gated && k > 0)
           conditional_model_call(k, handles[k]);
         else
           model_call(k, stream);
-        launch_step(k, stream, k + 1 < steps ? handles[k + 1] : 0, opt.gated);
+        enqueue_step(k, stream, k + 1 < steps ? handles[k + 1] : 0, opt.gated);
       }
     }, opt.gated);
   }
@@ -288,8 +315,10 @@ struct CudaRunner::Impl {
       try {
         capture_one_graph();
       } catch (const NoConditionalNodes& e) {
+        cudaGetLastError();  // the error is in the note; the step graphs' launch checks start clean
         mode = Mode::kStepGraphs;
-        note = std::string("one_graph -> step_graphs (host-flag fallback): ") + e.what();
+        note = std::string("one_graph -> step_graphs (host-flag fallback), conditional nodes unsupported here: ") +
+               e.what();
       }
     }
     if (mode == Mode::kStepGraphs) {
@@ -352,6 +381,7 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   check(cudaSetDevice(o.device), "cudaSetDevice");
   check(cudaStreamCreateWithFlags(&d.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   check(cudaStreamCreateWithFlags(&d.side, cudaStreamNonBlocking), "cudaStreamCreate");
+  const cudaStream_t s = d.stream;
   d.program = program_for(d.plan);
   const Program& p = *d.program;
   d.steps = static_cast<int>(p.num_steps());
@@ -366,15 +396,15 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   v.guided = o.guided;
   v.gated = o.gated;
   const size_t bm = static_cast<size_t>(v.bm);
-  v.basis = device_alloc<float>(d.owned, static_cast<size_t>(p.num_rows) * bm, "latents");
-  v.raw = device_alloc<float>(d.owned, (o.guided ? 2 : 1) * bm, "model output");
-  v.gout = device_alloc<float>(d.owned, o.gated ? bm : 0, "guided output");
-  v.w = device_alloc<float>(d.owned, static_cast<size_t>(o.batch), "guidance");
-  d.x_stage = device_alloc<float>(d.owned, bm, "x_T");
-  v.skip = device_alloc<int>(d.owned, static_cast<size_t>(d.steps), "skip flags");
-  v.status = device_alloc<int>(d.owned, 1, "status");
-  v.partial = device_alloc<double>(d.owned, static_cast<size_t>(o.batch) * v.blocks, "gate partial sums");
-  v.gate = device_alloc<kernels::GateDev>(d.owned, 1, "gate state");
+  v.basis = device_alloc<float>(d.owned, s, static_cast<size_t>(p.num_rows) * bm, "latents");
+  v.raw = device_alloc<float>(d.owned, s, (o.guided ? 2 : 1) * bm, "model output");
+  v.gout = device_alloc<float>(d.owned, s, o.gated ? bm : 0, "guided output");
+  v.w = device_alloc<float>(d.owned, s, static_cast<size_t>(o.batch), "guidance");
+  d.x_stage = device_alloc<float>(d.owned, s, bm, "x_T");
+  v.skip = device_alloc<int>(d.owned, s, static_cast<size_t>(d.steps), "skip flags");
+  v.status = device_alloc<int>(d.owned, s, 1, "status");
+  v.partial = device_alloc<double>(d.owned, s, static_cast<size_t>(o.batch) * v.blocks, "gate partial sums");
+  v.gate = device_alloc<kernels::GateDev>(d.owned, s, 1, "gate state");
 
   // The program's tables, float32 as the CPU loop uses them.
   const size_t rows = p.dst.size(), cells = p.src.size();
@@ -383,23 +413,26 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   for (size_t i = 0; i < cells; ++i) coef[i] = static_cast<float>(p.coef[i]);
   for (int k = 0; k < d.steps; ++k)
     std::fill_n(times.begin() + static_cast<int64_t>(k) * o.batch, o.batch, static_cast<float>(d.plan.times[k]));
-  int* dst = device_alloc<int>(d.owned, rows, "program dst");
-  int* src = device_alloc<int>(d.owned, cells, "program src");
-  float* gc = device_alloc<float>(d.owned, rows, "program gcoef");
-  float* cf = device_alloc<float>(d.owned, cells, "program coef");
-  d.times = device_alloc<float>(d.owned, times.size(), "times");
-  check(cudaMemcpy(dst, p.dst.data(), rows * sizeof(int), cudaMemcpyHostToDevice), "upload program");
-  check(cudaMemcpy(src, p.src.data(), cells * sizeof(int), cudaMemcpyHostToDevice), "upload program");
-  check(cudaMemcpy(gc, gcoef.data(), rows * sizeof(float), cudaMemcpyHostToDevice), "upload program");
-  check(cudaMemcpy(cf, coef.data(), cells * sizeof(float), cudaMemcpyHostToDevice), "upload program");
-  check(cudaMemcpy(d.times, times.data(), times.size() * sizeof(float), cudaMemcpyHostToDevice), "upload times");
+  int* dst = device_alloc<int>(d.owned, s, rows, "program dst");
+  int* src = device_alloc<int>(d.owned, s, cells, "program src");
+  float* gc = device_alloc<float>(d.owned, s, rows, "program gcoef");
+  float* cf = device_alloc<float>(d.owned, s, cells, "program coef");
+  d.times = device_alloc<float>(d.owned, s, times.size(), "times");
+  check(cudaMemcpyAsync(dst, p.dst.data(), rows * sizeof(int), cudaMemcpyHostToDevice, s), "upload program dst");
+  check(cudaMemcpyAsync(src, p.src.data(), cells * sizeof(int), cudaMemcpyHostToDevice, s), "upload program src");
+  check(cudaMemcpyAsync(gc, gcoef.data(), rows * sizeof(float), cudaMemcpyHostToDevice, s), "upload program gcoef");
+  check(cudaMemcpyAsync(cf, coef.data(), cells * sizeof(float), cudaMemcpyHostToDevice, s), "upload program coef");
+  check(cudaMemcpyAsync(d.times, times.data(), times.size() * sizeof(float), cudaMemcpyHostToDevice, s),
+        "upload times");
   v.dst = dst;
   v.src = src;
   v.gcoef = gc;
   v.coef = cf;
-  // cudaMemcpy from pageable memory may return before its DMA lands, and the runner's stream does
-  // not wait for the legacy stream: finish the uploads (and the memsets) here.
-  check(cudaDeviceSynchronize(), "uploading the program");
+  // The memsets and uploads are ordered on the runner's stream, as is every later use of these
+  // buffers. Waiting for that stream alone, never the device (cudaDeviceSynchronize would
+  // invalidate a capture that another thread's runner is making), reports a failed upload here
+  // and lets the host tables go.
+  check(cudaStreamSynchronize(s), "uploading the program (stream synchronize)");
   d.h_skip = d.host_alloc<int>(static_cast<size_t>(d.steps), "skip flags");
   d.h_status = d.host_alloc<int>(1, "status");
   d.h_w = d.host_alloc<float>(static_cast<size_t>(o.batch), "guidance");
@@ -444,7 +477,7 @@ RunResult CudaRunner::Impl::run(const float* x_T, const float* guidance, float* 
       ++r.graph_launches;
       break;
     case Mode::kStepGraphs:
-      launch_init(stream);
+      enqueue_init(stream);
       for (int k = 0; k < steps; ++k) {
         if (!host_skip(k, r)) {
           check(cudaGraphLaunch(model_exec[k], stream), "cudaGraphLaunch (model call " + std::to_string(k) + ")");
@@ -455,10 +488,10 @@ RunResult CudaRunner::Impl::run(const float* x_T, const float* guidance, float* 
       }
       break;
     default:
-      launch_init(stream);
+      enqueue_init(stream);
       for (int k = 0; k < steps; ++k) {
         if (!host_skip(k, r)) model_call(k, stream);
-        launch_step(k, stream, 0, false);
+        enqueue_step(k, stream, 0, false);
       }
   }
   const Program& p = *program;
