@@ -11,11 +11,12 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp aoti-package install torch bench bench-gpu clean help
+.PHONY: demo test test-python test-cpp check-cuda aoti-package install torch bench bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
-	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests"
+	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests, and check-cuda"
+	@echo "make check-cuda - compile the CUDA runner example against CUDA 12.3/12.4/13 headers and for sm_80/sm_90 (no GPU)"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
 	@echo "make bench-gpu - run the GPU benchmark suite (needs CUDA), write JSON and bench/results/gpu_summary.json"
 	@echo "make clean  - remove build outputs and the virtual environment"
@@ -61,11 +62,17 @@ test-cpp: aoti-package
 	cmake --build $(BUILD_DIR) --parallel $(JOBS)
 	cd $(BUILD_DIR) && ctest --output-on-failure
 
+# The CUDA runner example compiled for every CUDA version it claims, without a GPU: its host side
+# with g++ -Werror against the CUDA 13 headers and the CUDA 12.3/12.4 runtime headers from PyPI
+# (downloaded once into build/cuda-check), and its kernels with nvcc for sm_80/sm_90.
+check-cuda: $(VENV)/.created
+	PYTHON=$(PY) csrc/tools/check_cuda_headers.sh
+
 # pytest exits with 5 when it collects no tests; that is not a failure here.
 test-python:
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-test: install test-cpp test-python
+test: install check-cuda test-cpp test-python
 
 bench: install
 	mkdir -p bench/out

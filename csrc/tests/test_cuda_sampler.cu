@@ -157,8 +157,22 @@ fastdiff::cuda::RunnerOptions options(bool guided, bool gated, Mode mode) {
   return o;
 }
 
+constexpr unsigned kParitySeeds[] = {11u, 12u};
+
+// The gated parity runs below compare decisions only if the CPU sampler skips some calls in them
+// (checked in the host part too, so a toy or plan that stops skipping fails without a GPU).
+void check_parity_skips(const std::string& name, const fastdiff::StepPlan& plan) {
+  size_t skipped = 0;
+  for (bool guided : {false, true})
+    for (unsigned seed : kParitySeeds)
+      skipped += cpu_reference(plan, noise(kBatch * 105, seed), guided, true).skipped[0].size();
+  CHECK(skipped > 0, "%s: the gated parity runs skip no call, so they compare no skip decision", name.c_str());
+  std::printf("host: %s gated parity inputs skip %zu calls\n", name.c_str(), skipped);
+}
+
 // Runs the runner twice (the second run replays the captured graphs) against the CPU sampler.
 void check_parity(const std::string& name, const fastdiff::StepPlan& plan, bool conditional_nodes) {
+  check_parity_skips(name, plan);
   const size_t n = kBatch * 105;
   for (bool guided : {false, true})
     for (bool gated : {false, true})
@@ -166,7 +180,7 @@ void check_parity(const std::string& name, const fastdiff::StepPlan& plan, bool 
         fastdiff_toy::ToyCuda toy(3);
         fastdiff::cuda::CudaRunner runner(plan, toy, options(guided, gated, mode));
         DeviceBuffer x(n), out(n);
-        for (unsigned seed : {11u, 12u}) {
+        for (unsigned seed : kParitySeeds) {
           const auto xh = noise(n, seed);
           const auto ref = cpu_reference(plan, xh, guided, gated);
           x.upload(xh);
@@ -272,6 +286,8 @@ int main(int argc, char** argv) {
   const fastdiff::StepPlan long_plan = fastdiff::load_plan(dir + "/dpmpp_2m_20.json");
   const fastdiff::StepPlan short_plan = fastdiff::load_plan(dir + "/unipc_6.json");
   check_host(long_plan);
+  check_parity_skips("dpmpp_2m_20", long_plan);
+  check_parity_skips("unipc_6", short_plan);
   check_capture_errors();
   if (fastdiff_test::failures) TEST_MAIN_END();
 
