@@ -9,16 +9,28 @@ decision group, it reduces the partials to d_k and applies the third-order rule 
 same GateSpec), keeping d_{k−1}, d_{k−2} and the consecutive-skip count on the device.
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which
-is how the CPU test suite holds them to the torch reference.
+is how the CPU test suite holds them to the torch reference; the interpreter does not specialise
+arguments, so `fastdiff.ops.triton_aot` compiles every variant the launches below can produce
+ahead of time (sm_80, sm_90) to hold the compiled kernels to the same code.
+
+Every launch goes through `step_launch` / `gate_launch`: they turn the op's arguments into the
+kernel's grid, arguments and constexprs, and the ahead-of-time check enumerates its variants
+through the same two functions.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
 BLOCK = 1024  # elements of one sample per program
+STEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # latents the step runs on
+# Triton specialises an integer argument on its value: 1 becomes a constexpr, a multiple of 16 an
+# alignment hint. The call index k changes every call, so specialising on it would compile three
+# kernels where one does; every other integer is fixed for a whole sampling run.
+JIT_OPTIONS = {"fused_step": {"do_not_specialize": ["k"]}, "gate": {}}
 
 try:  # Triton ships with CUDA builds of torch; CPU builds may not have it.
     import triton
@@ -47,7 +59,7 @@ def why_unavailable() -> str | None:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(**JIT_OPTIONS["fused_step"])
     def _fused_step_kernel(
         raw_ptr,
         w_ptr,
@@ -76,7 +88,9 @@ if triton is not None:
         b = tl.program_id(1)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        slot_stride = batch.to(tl.int64) * n
+        # An integer argument equal to 1 arrives as a constexpr (a Python int), not a tensor: cast
+        # it with tl.cast, never .to (triton_aot compiles every such variant).
+        slot_stride = tl.cast(batch, tl.int64) * n
         sample = b.to(tl.int64) * n + offs
         acc_ty = tl.float64 if basis_ptr.dtype.element_ty == tl.float64 else tl.float32
         if HAS_ROWS:
@@ -116,7 +130,7 @@ if triton is not None:
             diff = tl.where(mask, tl.abs(new - x), 0.0).to(tl.float32)
             tl.store(part_ptr + b * nblocks + pid, tl.sum(diff, axis=0))
 
-    @triton.jit
+    @triton.jit(**JIT_OPTIONS["gate"])
     def _gate_kernel(
         part_ptr,
         d1_ptr,
@@ -164,32 +178,28 @@ def num_blocks(basis: torch.Tensor) -> int:
     return -(-n // BLOCK)
 
 
-def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None, partials=None) -> None:
-    """Triton implementation of `fastdiff.ops.step.fused_step` (arguments checked there).
+class Launch(NamedTuple):
+    """One launch of a kernel: `KERNELS[kernel][grid](*args, **constexprs)`."""
 
-    partials: optional float32 [B, num_blocks(basis)] buffer for the per-block sums of
-    |x^(k+1) − x^(k)| (the gate's decision kernel reduces them); with stat instead, they are
-    reduced here with torch.
-    """
-    _require()
-    _on_device(basis)
-    if basis.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"fused_step: the Triton step supports float16/bfloat16/float32/float64, got {basis.dtype}")
+    kernel: str  # "fused_step" or "gate", the key of KERNELS and JIT_OPTIONS
+    grid: tuple[int, ...]
+    args: tuple  # the runtime arguments, in the kernel's order
+    constexprs: dict
+
+    def __call__(self) -> None:
+        KERNELS[self.kernel][self.grid](*self.args, **self.constexprs)
+
+
+def step_launch(k, raw, guidance, basis, program, rows=None, out=None, partials=None) -> Launch:
+    """The fused-step kernel's launch for call k (arguments as in `fused_step`; `partials`, the
+    per-block sums, is given exactly when the statistic is wanted)."""
     tables = program.tables(basis.device, basis.dtype)
-    batch = basis.shape[1]
-    n = basis[0, 0].numel()
-    nblocks = -(-n // BLOCK)
-    raw = raw.contiguous()
-    want_stat = stat is not None or partials is not None
-    if want_stat and partials is None:
-        partials = torch.empty(batch, nblocks, dtype=torch.float32, device=basis.device)
-    if partials is not None and (partials.shape != (batch, nblocks) or partials.dtype != torch.float32):
-        raise ValueError(f"fused_step: partials must be float32 [{batch}, {nblocks}]")
+    batch, n, nblocks = basis.shape[1], basis[0, 0].numel(), num_blocks(basis)
     computed = raw.shape[0] // (1 if guidance is None else 2)
     dummy = basis  # placeholder pointer for absent optional arguments (never read)
     w = guidance.to(tables.coef.dtype).contiguous() if guidance is not None else dummy
-    _fused_step_kernel[(nblocks, batch)](
-        raw,
+    args = (
+        raw.contiguous(),
         w,
         basis,
         out if out is not None else dummy,
@@ -205,15 +215,45 @@ def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None,
         batch,
         computed,
         nblocks,
-        HAS_W=guidance is not None,
-        HAS_ROWS=rows is not None,
-        HAS_OUT=out is not None,
-        HAS_STAT=want_stat,
-        WIDTH=program.width,
-        BLOCK=BLOCK,
     )
+    constexprs = {
+        "HAS_W": guidance is not None,
+        "HAS_ROWS": rows is not None,
+        "HAS_OUT": out is not None,
+        "HAS_STAT": partials is not None,
+        "WIDTH": program.width,
+        "BLOCK": BLOCK,
+    }
+    return Launch("fused_step", (nblocks, batch), args, constexprs)
+
+
+def gate_launch(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int) -> Launch:
+    """The gate kernel's launch (arguments as in `gate_decide`)."""
+    groups, nblocks = partials.shape
+    rblock = max(16, triton.next_power_of_2(nblocks))
+    args = (partials, d1, d2, run, flags, nblocks, n, int(active), float(delta), int(max_skips))
+    return Launch("gate", (groups,), args, {"RBLOCK": rblock})
+
+
+def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None, partials=None) -> None:
+    """Triton implementation of `fastdiff.ops.step.fused_step` (arguments checked there).
+
+    partials: optional float32 [B, num_blocks(basis)] buffer for the per-block sums of
+    |x^(k+1) − x^(k)| (the gate's decision kernel reduces them); with stat instead, they are
+    reduced here with torch.
+    """
+    _require()
+    _on_device(basis)
+    if basis.dtype not in STEP_DTYPES:
+        raise ValueError(f"fused_step: the Triton step supports float16/bfloat16/float32/float64, got {basis.dtype}")
+    batch, nblocks = basis.shape[1], num_blocks(basis)
+    if stat is not None and partials is None:
+        partials = torch.empty(batch, nblocks, dtype=torch.float32, device=basis.device)
+    if partials is not None and (partials.shape != (batch, nblocks) or partials.dtype != torch.float32):
+        raise ValueError(f"fused_step: partials must be float32 [{batch}, {nblocks}]")
+    step_launch(k, raw, guidance, basis, program, rows=rows, out=out, partials=partials)()
     if stat is not None:
-        stat.copy_(partials.sum(dim=1) / n)
+        stat.copy_(partials.sum(dim=1) / basis[0, 0].numel())
 
 
 def gate_decide(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int) -> None:
@@ -221,8 +261,7 @@ def gate_decide(partials, n, d1, d2, run, flags, *, active: bool, delta: float, 
     and writes flags (int8 [B], 1 = skip the next call)."""
     _require()
     _on_device(partials)
-    batch, nblocks = partials.shape
-    rblock = max(16, triton.next_power_of_2(nblocks))
-    _gate_kernel[(batch,)](
-        partials, d1, d2, run, flags, nblocks, n, int(active), float(delta), int(max_skips), RBLOCK=rblock
-    )
+    gate_launch(partials, n, d1, d2, run, flags, active=active, delta=delta, max_skips=max_skips)()
+
+
+KERNELS = {"fused_step": _fused_step_kernel, "gate": _gate_kernel} if triton is not None else {}
