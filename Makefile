@@ -11,13 +11,15 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp check-cuda aoti-package install torch bench bench-gpu clean help
+.PHONY: demo test test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
 	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests, and check-cuda"
 	@echo "make check-cuda - compile the CUDA runner example against CUDA 12.3/12.4/13 headers and for sm_80/sm_90 (no GPU)"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
+	@echo "make bench-check - run the benchmark subset marked 'check' and compare it with this machine class's baseline"
+	@echo "make bench-baseline - record this machine class's baseline (bench/baselines/<class>/) from 3 idle runs of the subset"
 	@echo "make bench-gpu - run the GPU benchmark suite (needs CUDA), write JSON and bench/results/gpu_summary.json"
 	@echo "make clean  - remove build outputs and the virtual environment"
 
@@ -55,11 +57,13 @@ $(AOTI_PACKAGE)/package.json: python/fastdiff/aoti.py
 
 aoti-package: install $(AOTI_PACKAGE)/package.json
 
-test-cpp: aoti-package
+cpp-build: aoti-package
 	cmake -S . -B $(BUILD_DIR) -DFASTDIFF_BUILD_TESTS=ON -DFASTDIFF_BUILD_PYTHON=OFF \
 	  -DFASTDIFF_WITH_TORCH=ON -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" \
 	  -DFASTDIFF_TEST_PACKAGE="$(abspath $(AOTI_PACKAGE))" > /dev/null
 	cmake --build $(BUILD_DIR) --parallel $(JOBS)
+
+test-cpp: cpp-build
 	cd $(BUILD_DIR) && ctest --output-on-failure
 
 # The CUDA runner example compiled for every CUDA version it claims, without a GPU: its host side
@@ -74,10 +78,47 @@ test-python:
 
 test: install check-cuda test-cpp test-python
 
-bench: install
+# bench/test_service_cpu.py times the C++ service binary on the AOTI package: cpp-build makes both.
+bench: install cpp-build
 	mkdir -p bench/out
 	$(PY) -m pytest bench -q --ignore=bench/gpu --benchmark-json=bench/out/cpu.json; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 	$(PY) bench/report.py bench/out/cpu.json --out bench/results
+
+# Benchmark regressions (bench/check.py): the subset marked `check` against the baseline committed for
+# this machine class, bench/baselines/<class>/. Raw time: pytest-benchmark's own compare (time.json)
+# fails a benchmark whose fastest round (min) is more than BENCH_TIME_FAIL slower than the baseline's.
+# The quantities that a busy machine does not move (speed-ups side by side, UNet calls, quality
+# errors): bench/check.py with per-quantity tolerances. No baseline for this class: the message says
+# how to record one (`make bench-baseline`, then commit it). BENCH_SLOWDOWN=2 slows the sampling loop
+# down 2x on purpose, to see the check fail (bench/conftest.py).
+BENCH_TIME_FAIL ?= min:60%
+BENCH_SUBSET = -m pytest bench -q -m check --ignore=bench/gpu -p no:cacheprovider
+BENCH_BASELINE_RUNS ?= 3
+# pytest-benchmark warns with both machines' whole machine_info when any field differs (the host
+# name always does between CI runners); the machine class chose the baseline, and check.py says
+# when the CPUs differ.
+BENCH_SAME_CLASS = -W "ignore:Benchmark machine_info is different"
+
+bench-check: install
+	@mkdir -p bench/out
+	@baseline=$$($(PY) bench/check.py timing-baseline) || exit 2; \
+	compare="--benchmark-json=bench/out/check.json --benchmark-compare=$$baseline --benchmark-compare-fail=$(BENCH_TIME_FAIL)"; \
+	echo "$(PY) $(BENCH_SUBSET) $$compare"; \
+	$(PY) $(BENCH_SAME_CLASS) $(BENCH_SUBSET) $$compare; timing=$$?; \
+	$(PY) bench/check.py compare bench/out/check.json; quantities=$$?; \
+	if [ $$timing -ne 0 ]; then echo "bench-check: the benchmarks failed or their time regressed (pytest exit $$timing, above)" >&2; fi; \
+	[ $$timing -eq 0 ] && [ $$quantities -eq 0 ]
+
+# The baseline: BENCH_BASELINE_RUNS runs of the subset on the idle machine, each benchmark from the
+# run where it was fastest (bench/check.py record).
+bench-baseline: install
+	@mkdir -p bench/out
+	rm -f bench/out/baseline-*.json
+	@for i in $$(seq 1 $(BENCH_BASELINE_RUNS)); do \
+	  echo "bench-baseline: run $$i of $(BENCH_BASELINE_RUNS)"; \
+	  $(PY) $(BENCH_SUBSET) --benchmark-json=bench/out/baseline-$$i.json || exit 1; \
+	done
+	$(PY) bench/check.py record bench/out/baseline-*.json
 
 # GPU suite (bench/gpu): skipped without CUDA, and then the summary says no results came. Extra pytest
 # arguments go in BENCH_GPU_ARGS, e.g. BENCH_GPU_ARGS='-k "not compiled"' (compiling takes minutes per shape).

@@ -8,7 +8,7 @@ tiny-shapes groups, <out>/digits.md, <out>/olss_quality.{md,png} (OLSS vs solver
 samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PSNR) and
 <out>/runtime.md (loop overhead per step, the Python reference loop vs the C++ loop),
 <out>/parity.md (difference from diffusers' own loops, per solver variant), <out>/backends.md
-(eager vs compiled on the CPU) and
+(eager vs compiled on the CPU), <out>/service.md (the C++ service example's throughput) and
 <out>/timings.md with every benchmark's timing statistics.
 """
 
@@ -313,6 +313,23 @@ def backends_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def service_table(benchmarks: list[dict]) -> str:
+    """The C++ service (bench/test_service_cpu.py): a row per worker-thread count."""
+    rows = sorted((b["extra_info"] for b in benchmarks if b.get("group") == "service-cpu"), key=lambda r: r["threads"])
+    lines = [
+        "| worker threads | intra-op threads each | images/s (median; all rounds) | mean latency | max latency | "
+        "package load |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        rounds = ", ".join(f"{v:.1f}" for v in r["images_per_s_rounds"])
+        lines.append(
+            f"| {r['threads']} | {r['intra_op_threads']} | {r['images_per_s']:.1f} ({rounds}) | "
+            f"{r['mean_latency_ms']:.0f} ms | {r['max_latency_ms']:.0f} ms | {r['load_s']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -418,6 +435,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         (args.out / "parity.md").write_text(text)
         print(f"wrote {args.out / 'parity.md'}")
+    service = [b["extra_info"] for b in benchmarks if b.get("group") == "service-cpu"]
+    if service:
+        first = service[0]
+        text = (
+            "# The C++ service on the CPU\n\nfastdiff_service (csrc/examples/service.cpp) on the AOTI package of "
+            f"tiny-shapes: {first['requests']} requests of one image each, {first['unet_calls_per_request']:g} UNet "
+            f"calls per request (guidance scale {first['guidance_scale']:g}), VAE decode and PNG included, served by "
+            "worker threads that share one package and one Sampler (bench/test_service_cpu.py). Images/s is over "
+            "the serving time (package load apart), one process per round, 3 rounds. Machine: "
+            f"{where}, {first['cores']} cores.\n\n{service_table(benchmarks)}\n"
+        )
+        (args.out / "service.md").write_text(text)
+        print(f"wrote {args.out / 'service.md'}")
     (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     print(f"wrote {args.out / 'timings.md'}")
     return 0

@@ -29,7 +29,10 @@ STEPS = 20
 LATENTS = {"tiny-shapes 4x8x8": (4, 8, 8), "sd21-768 4x96x96": (4, 96, 96)}
 RUNTIMES = ("python", "cpp-callback", "cpp-native")
 
-pytestmark = pytest.mark.skipif(cpp.why_unavailable() is not None, reason=f"C++ loop: {cpp.why_unavailable()}")
+pytestmark = [
+    pytest.mark.skipif(cpp.why_unavailable() is not None, reason=f"C++ loop: {cpp.why_unavailable()}"),
+    pytest.mark.check,  # all six: `make bench-check` compares the speed-ups side by side (bench/check.py)
+]
 
 
 def identity(x, t, index):

@@ -10,14 +10,20 @@ import pytest
 from fastdiff import program, solvers
 from fastdiff.testing import quality
 
+CHECKED = {("dpmpp_2m", 10), ("unipc_bh2", 5)}  # the cases `make bench-check` compares with bench/baselines
+CASES = [
+    pytest.param(label, n, id=f"{label}-N{n}", marks=pytest.mark.check if (label, n) in CHECKED else ())
+    for label in quality.SOLVER_VARIANTS
+    for n in quality.GMM_STEPS
+]
+
 
 @pytest.fixture(scope="module")
 def problem():
     return quality.default_problem()
 
 
-@pytest.mark.parametrize("steps", quality.GMM_STEPS, ids=lambda n: f"N{n}")
-@pytest.mark.parametrize("label", list(quality.SOLVER_VARIANTS))
+@pytest.mark.parametrize("label, steps", CASES)
 def test_gmm_solver_error(benchmark, problem, label, steps):
     row = quality.measure(problem, label, steps)
     if row["rel_error"] is None:

@@ -20,6 +20,7 @@ def engine(cpu_engine):
     return cpu_engine("tiny-shapes")
 
 
+@pytest.mark.check
 def test_tiny_shapes_5_step_sample_latency(benchmark, engine):
     prompt = "a red circle on a blue background"
     engine.sample(prompt, steps=5, seed=0)  # warm-up: plan compile, allocator

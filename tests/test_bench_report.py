@@ -98,3 +98,44 @@ def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
     assert "| ddim {} | 2 | 2.0e-07 | 3.0e-07 | 2.0e-07 | True |" in parity and "commit 0123456 (clean tree)" in parity
     backends = (tmp_path / "results" / "backends.md").read_text()
     assert "| one guided UNet call (batch 2 x CFG) | 24.0 ms | 12.0 ms | 2.00x | 38 s |" in backends
+
+
+def test_service_report_renders_a_row_per_thread_count_and_names_the_commit(tmp_path):
+    def bench(threads, rates, intra_op):
+        info = {
+            "threads": threads,
+            "intra_op_threads": intra_op,
+            "requests": 32,
+            "guidance_scale": 1.5,
+            "unet_calls_per_request": 8.0,
+            "images_per_s": sorted(rates)[1],
+            "images_per_s_rounds": rates,
+            "mean_latency_ms": 41.2,
+            "max_latency_ms": 64.0,
+            "load_s": 0.012,
+            "cores": 2,
+        }
+        stats = {"mean": 1.5, "median": 1.5, "stddev": 0.0, "min": 1.5, "max": 1.5, "rounds": 3}
+        return {
+            "name": f"test_service_throughput[T{threads}]",
+            "group": "service-cpu",
+            "extra_info": info,
+            "stats": stats,
+        }
+
+    doc = {
+        "machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"},
+        "commit_info": {"id": "fedcba9876543210", "dirty": False},
+        "benchmarks": [bench(8, [52.7, 55.4, 52.6], 1), bench(1, [24.8, 24.6, 23.8], 2)],
+    }
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    report = _report(str(path), "--out", str(tmp_path / "results"))
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "results" / "service.md").read_text()
+    assert "32 requests of one image each, 8 UNet calls per request" in text and "commit fedcba9 (clean tree)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
+    assert rows == [
+        "| 1 | 2 | 24.6 (24.8, 24.6, 23.8) | 41 ms | 64 ms | 0.01 s |",
+        "| 8 | 1 | 52.7 (52.7, 55.4, 52.6) | 41 ms | 64 ms | 0.01 s |",
+    ]
