@@ -209,6 +209,22 @@ def test_machine_class_names_cores_and_vendor_or_the_override(monkeypatch):
     assert check.machine_class() == "a100-box"
 
 
+def test_every_committed_baseline_holds_exactly_the_benchmarks_marked_check():
+    classes = sorted(p.parent for p in (ROOT / "bench" / "baselines").glob("*/check.json"))
+    assert classes, "no committed baseline: CI (cpu-2core-intel) needs bench/baselines/cpu-2core-intel/"
+    cmd = [sys.executable, "-m", "pytest", "bench", "-m", "check", "--ignore=bench/gpu", "--collect-only", "-q"]
+    result = subprocess.run([*cmd, "-p", "no:cacheprovider"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    marked = {line for line in result.stdout.splitlines() if "::" in line}
+    assert len(marked) >= 4
+    for folder in classes:
+        run = json.loads((folder / "check.json").read_text())["benchmarks"]
+        recorded = {b["fullname"] for b in run}
+        assert recorded == marked, f"{folder}: re-record it with `make bench-baseline` ({recorded ^ marked})"
+        timed = [b["fullname"] for b in json.loads((folder / "time.json").read_text())["benchmarks"]]
+        assert timed == [b["fullname"] for b in run if check.why_untimed(b) is None]
+
+
 @pytest.mark.parametrize("value", ["0", "1.5"])
 def test_a_bad_bench_slowdown_is_a_usage_error(value):
     cmd = [
