@@ -155,6 +155,7 @@ def busy_cores(start, end) -> float | None:
 
 
 def how_to_record(cls: str, folder: Path) -> str:
+    folder = Path(os.path.relpath(folder))
     return (
         f"no benchmark baseline for machine class {cls!r} ({folder / 'check.json'} does not exist).\n"
         f"Record one on this machine, idle, from the code you trust: `make bench-baseline` (runs the `check` "
