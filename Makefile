@@ -76,7 +76,7 @@ check-cuda: $(VENV)/.created
 test-python:
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 
-test: install check-cuda test-cpp test-python
+test: install check-cuda test-cpp test-python bench-check
 
 # bench/test_service_cpu.py times the C++ service binary on the AOTI package: cpp-build makes both.
 bench: install cpp-build
