@@ -86,12 +86,14 @@ bench: install cpp-build
 
 # Benchmark regressions (bench/check.py): the subset marked `check` against the baseline committed for
 # this machine class, bench/baselines/<class>/. Raw time: pytest-benchmark's own compare (time.json)
-# fails a benchmark whose fastest round (min) is more than BENCH_TIME_FAIL slower than the baseline's.
-# The quantities that a busy machine does not move (speed-ups side by side, UNet calls, quality
-# errors): bench/check.py with per-quantity tolerances. No baseline for this class: the message says
+# shows every benchmark against the baseline and fails one whose fastest round (min) is more than
+# BENCH_TIME_FAIL slower (4x: raw time on a shared machine moves 2x by itself). The quantities that a
+# slower or busy machine does not move (time relative to a yardstick measured side by side, which
+# fails at +60%, i.e. a 2x slowdown; speed-ups side by side; UNet calls; quality errors):
+# bench/check.py with per-quantity tolerances. No baseline for this class: the message says
 # how to record one (`make bench-baseline`, then commit it). BENCH_SLOWDOWN=2 slows the sampling loop
 # down 2x on purpose, to see the check fail (bench/conftest.py).
-BENCH_TIME_FAIL ?= min:60%
+BENCH_TIME_FAIL ?= min:300%
 BENCH_SUBSET = -m pytest bench -q -m check --ignore=bench/gpu -p no:cacheprovider
 BENCH_BASELINE_RUNS ?= 3
 # pytest-benchmark warns with both machines' whole machine_info when any field differs (the host

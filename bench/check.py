@@ -63,8 +63,17 @@ class Tolerance:
         return sign + " or ".join(parts)
 
 
-# The quantities compared (extra_info keys, and speedup_vs_python derived below); the others are
-# raw times, which pytest-benchmark compares. Counts exactly. Errors, PSNR and adherence repeat
+# The quantities compared (extra_info keys, and speedup_vs_python derived below). relative_time
+# is a benchmark's fastest round over the yardstick's (`yardstick_seconds`) measured right before
+# and after it: its time side by side with a fixed workload, which a machine that is slower for a
+# while (another tenant, a throttled host) moves together with it. Measured on the CI class in
+# three runs, one of them in a period when the raw times were 1.6-1.8x slower: the yardstick was
+# 1.6-1.8x slower with them, and relative_time stayed within 10% (the reference loop, the 5-step
+# latency) and 25% (the gate case, one round); BENCH_SLOWDOWN=2 doubles it: +60% fails. Raw
+# times go to pytest-benchmark's compare, which fails only past 4x (`make bench-check`'s
+# min:300%): on this shared machine the same code's fastest rounds moved 1.8-2x within an hour
+# (without other processes on the VM), so a raw-time rule tight enough to see 2x would fail
+# unchanged code. Counts exactly. Errors, PSNR and adherence repeat
 # bit for bit from run to run on one machine (10 runs on the CI class, busy or not); their
 # tolerances leave room for another torch or BLAS build on the same class. Speed-ups: an idle run
 # on the CI class came out at most 22% below a best-of-3 baseline, so 35% below is a regression.
@@ -81,14 +90,41 @@ QUANTITIES = {
     "rel_error": Tolerance("lower", rel=0.01),
     "program_error": Tolerance("lower", abs=1e-12),
     "speedup_vs_python": Tolerance("higher", rel=0.35),
+    "relative_time": Tolerance("lower", rel=0.6),  # 2x slower side by side: +100%
 }
 
 
+def yardstick_seconds(reps: int = 5) -> float:
+    """The fastest of `reps` runs of a fixed torch workload on 2 threads: 200 small element-wise
+    ops on a [2, 4, 8, 8] tensor (Python and dispatcher overhead, what the loop benchmarks spend
+    most time on) and a 3x3 convolution of [2, 32, 48, 48] (compute, what the UNet spends).
+    Measured next to each checked benchmark, it turns the benchmark's raw time into
+    `relative_time`, a ratio that a uniformly slower (or busier) machine does not move."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    small = torch.randn(2, 4, 8, 8, generator=gen)
+    image = torch.randn(2, 32, 48, 48, generator=gen)
+    weight = torch.randn(32, 32, 3, 3, generator=gen) * 0.05
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(reps):
+            start = time.perf_counter()
+            x = small
+            for _ in range(100):
+                x = torch.mul(x, 0.999)
+                x = torch.add(x, small)
+            torch.nn.functional.conv2d(image, weight, padding=1)
+            best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    return best
+
+
 def why_untimed(benchmark: dict) -> str | None:
-    """Why pytest-benchmark does not compare this benchmark's raw time with the baseline (None:
-    it does). On the idle 2-core CI VM the fastest rounds of the others stay within 1.42x of a
-    best-of-3 baseline (8 runs, every 3 of them as the baseline), and BENCH_SLOWDOWN=2 makes
-    them 1.58x (the gate case) to 1.82x: hence `make bench-check`'s min:60%."""
+    """Why this benchmark's time (raw, and relative_time) is not compared with the baseline (None:
+    it is)."""
     if benchmark.get("group") == "gmm-solver-quality":
         return "building a plan takes about 6 ms in one process and 12 ms in the next (bimodal); its error is checked"
     if benchmark.get("group") == RUNTIME_GROUP and benchmark.get("extra_info", {}).get("runtime") != "python":
@@ -189,6 +225,8 @@ def quantities(benchmarks: list[dict]) -> dict[str, dict[str, float]]:
     for b in benchmarks:
         info = b.get("extra_info", {})
         values = {k: float(v) for k, v in info.items() if k in QUANTITIES and isinstance(v, (int, float))}
+        if why_untimed(b) is not None:  # its time is held to something steadier instead
+            values.pop("relative_time", None)
         if b.get("group") == RUNTIME_GROUP and info.get("runtime") != "python" and info.get("latent") in python:
             values["speedup_vs_python"] = python[info["latent"]] / b["stats"]["min"]
         out[b["fullname"]] = values

@@ -59,6 +59,24 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     output_json["run_conditions"] = conditions
 
 
+@pytest.fixture(autouse=True)
+def _relative_time(request):
+    """For the benchmarks marked `check`: the yardstick (check.yardstick_seconds) right before and
+    right after the benchmark, and extra_info relative_time = the benchmark's fastest round / the
+    faster yardstick: its time side by side with a fixed workload in the same minute."""
+    if request.node.get_closest_marker("check") is None or "benchmark" not in request.fixturenames:
+        yield
+        return
+    bench = request.getfixturevalue("benchmark")  # set up before this fixture: torn down after it
+    before = check.yardstick_seconds()
+    yield
+    stats = getattr(bench, "stats", None)
+    if stats is None:  # skipped or failed before timing
+        return
+    yardstick = min(before, check.yardstick_seconds())
+    bench.extra_info.update({"yardstick_s": yardstick, "relative_time": stats.stats.min / yardstick})
+
+
 @pytest.fixture(scope="session")
 def cpu_engine():
     """cpu_engine(name): the shipped model's engine on the CPU with 2 threads like the CI machine

@@ -106,6 +106,28 @@ def test_the_side_by_side_speedup_is_checked_not_the_raw_time(tmp_path):
     ]
 
 
+def test_time_relative_to_the_yardstick_fails_at_2x_but_not_when_both_slow_down(tmp_path):
+    """relative_time (the benchmark's fastest round over a yardstick timed beside it) is what
+    catches a 2x slowdown on a machine whose raw speed moves; only timed benchmarks carry it."""
+
+    def with_relative(doc, python_s, yardstick_s):
+        for b in doc["benchmarks"]:
+            if b["extra_info"].get("runtime") == "python":
+                b["stats"]["min"] = python_s
+            b["extra_info"]["relative_time"] = b["stats"]["min"] / yardstick_s
+        return doc
+
+    base = with_relative(run_doc(), 0.004, 0.001)
+    slower_host = with_relative(run_doc(cpp_seconds=0.0018), 0.0072, 0.0018)  # everything 1.8x, yardstick too
+    assert not [r for r in check.compare(base, slower_host) if r.failed]
+    slowed = with_relative(run_doc(), 0.008, 0.001)  # the reference loop 2x slower, the machine as fast
+    failed = [(r.benchmark, r.quantity) for r in check.compare(base, slowed) if r.failed]
+    assert (f"{RUNTIME}[python-tiny-shapes 4x8x8]", "relative_time") in failed
+    # not held to it: the C++ loop (its speed-up is checked) and plan building (its error is)
+    names = {r.benchmark for r in check.compare(base, base) if r.quantity == "relative_time"}
+    assert names == {f"{RUNTIME}[python-tiny-shapes 4x8x8]", GATE}
+
+
 def test_improvements_pass_and_exact_counts_fail_either_way():
     base = run_doc()
     assert not [r for r in check.compare(base, run_doc(psnr=30.0, rel_error=0.001, cpp_seconds=0.0005)) if r.failed]
