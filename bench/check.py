@@ -68,8 +68,9 @@ class Tolerance:
 # and after it: its time side by side with a fixed workload, which a machine that is slower for a
 # while (another tenant, a throttled host) moves together with it. Measured on the CI class in
 # three runs, one of them in a period when the raw times were 1.6-1.8x slower: the yardstick was
-# 1.6-1.8x slower with them, and relative_time stayed within 10% (the reference loop, the 5-step
-# latency) and 25% (the gate case, one round); BENCH_SLOWDOWN=2 doubles it: +60% fails. Raw
+# 1.6-1.8x slower with them, and relative_time stayed within 15% (the reference loop, the 5-step
+# latency; the gate case, one round, moved up to 36% and is not held to it); BENCH_SLOWDOWN=2
+# doubles it: +60% fails. Raw
 # times go to pytest-benchmark's compare, which fails only past 4x (`make bench-check`'s
 # min:300%): on this shared machine the same code's fastest rounds moved 1.8-2x within an hour
 # (without other processes on the VM), so a raw-time rule tight enough to see 2x would fail
@@ -125,6 +126,11 @@ def yardstick_seconds(reps: int = 5) -> float:
 def why_untimed(benchmark: dict) -> str | None:
     """Why this benchmark's time (raw, and relative_time) is not compared with the baseline (None:
     it is)."""
+    if benchmark.get("group") == "gate-quality":
+        return (
+            "one 3 s round: beside the yardstick it moved up to +36% between unchanged runs; its calls saved "
+            "and quality are checked"
+        )
     if benchmark.get("group") == "gmm-solver-quality":
         return "building a plan takes about 6 ms in one process and 12 ms in the next (bimodal); its error is checked"
     if benchmark.get("group") == RUNTIME_GROUP and benchmark.get("extra_info", {}).get("runtime") != "python":
