@@ -95,12 +95,14 @@ QUANTITIES = {
 }
 
 
-def yardstick_seconds(reps: int = 5) -> float:
+def yardstick_seconds(reps: int = 25) -> float:
     """The fastest of `reps` runs of a fixed torch workload on 2 threads: 200 small element-wise
     ops on a [2, 4, 8, 8] tensor (Python and dispatcher overhead, what the loop benchmarks spend
     most time on) and a 3x3 convolution of [2, 32, 48, 48] (compute, what the UNet spends).
     Measured next to each checked benchmark, it turns the benchmark's raw time into
-    `relative_time`, a ratio that a uniformly slower (or busier) machine does not move."""
+    `relative_time`, a ratio that a uniformly slower (or busier) machine does not move. 25 runs
+    (about 25 ms) on each side: with 5, a slow moment of this VM could cover all of them and
+    make a 2x slower benchmark look only 1.25x slower."""
     import torch
 
     threads = torch.get_num_threads()
