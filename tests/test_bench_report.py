@@ -13,6 +13,15 @@ def _report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), *args], capture_output=True, text=True)
 
 
+def _render(tmp_path, doc: dict) -> Path:
+    """bench/report.py on `doc` written as a pytest-benchmark JSON; the results folder."""
+    path = tmp_path / "cpu.json"
+    path.write_text(json.dumps(doc))
+    report = _report(str(path), "--out", str(tmp_path / "results"))
+    assert report.returncode == 0, report.stderr
+    return tmp_path / "results"
+
+
 def test_bench_writes_json_and_report_renders_it(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [
@@ -90,10 +99,7 @@ def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
             bench("cpu-backends-unet-step", {"backend": "compiled", "first_call_s": 38.0}, 0.012),
         ],
     }
-    path = tmp_path / "cpu.json"
-    path.write_text(json.dumps(doc))
-    report = _report(str(path), "--out", str(tmp_path / "results"))
-    assert report.returncode == 0, report.stderr
+    _render(tmp_path, doc)
     parity = (tmp_path / "results" / "parity.md").read_text()
     assert "| ddim {} | 2 | 2.0e-07 | 3.0e-07 | 2.0e-07 | True |" in parity and "commit 0123456 (clean tree)" in parity
     backends = (tmp_path / "results" / "backends.md").read_text()
@@ -128,10 +134,7 @@ def test_service_report_renders_a_row_per_thread_count_and_names_the_commit(tmp_
         "commit_info": {"id": "fedcba9876543210", "dirty": False},
         "benchmarks": [bench(8, [52.7, 55.4, 52.6], 1), bench(1, [24.8, 24.6, 23.8], 2)],
     }
-    path = tmp_path / "cpu.json"
-    path.write_text(json.dumps(doc))
-    report = _report(str(path), "--out", str(tmp_path / "results"))
-    assert report.returncode == 0, report.stderr
+    _render(tmp_path, doc)
     text = (tmp_path / "results" / "service.md").read_text()
     assert "32 requests of one image each, 8 UNet calls per request" in text and "commit fedcba9 (clean tree)" in text
     rows = [line for line in text.splitlines() if line.startswith("| 1 |") or line.startswith("| 8 |")]
