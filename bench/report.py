@@ -338,6 +338,12 @@ def timing_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _write(path: Path, text: str, *written: Path) -> None:
+    """Write a rendered report and say so, with the files the caller wrote beside it."""
+    path.write_text(text)
+    print(f"wrote {path}" + "".join(f" and {w}" for w in written))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", type=Path, help="pytest-benchmark --benchmark-json files")
@@ -363,24 +369,21 @@ def main(argv: list[str] | None = None) -> int:
             "output comes on top) at each N, and the largest difference of the re-expanded program from the "
             "plan's coefficients (relative to max |coef|) over all N.\n\n" + program_table(rows) + "\n"
         )
-        (args.out / "solver_quality.md").write_text(text)
         quality_plot(rows, args.out / "solver_quality.png")
-        print(f"wrote {args.out / 'solver_quality.md'} and {args.out / 'solver_quality.png'}")
+        _write(args.out / "solver_quality.md", text, args.out / "solver_quality.png")
     if any(b.get("group") == "tiny-shapes-adherence" for b in benchmarks):
         text = (
             "# tiny-shapes adherence\n\nShare of 200 prompts whose image shows the named colour and shape "
             "(colour/shape accuracy in brackets), CPU, default guidance. Machine: "
             f"{where}.\n\n{adherence_table(benchmarks)}\n\n## Latency\n\n{latency_table(benchmarks)}\n"
         )
-        (args.out / "tiny_shapes.md").write_text(text)
-        print(f"wrote {args.out / 'tiny_shapes.md'}")
+        _write(args.out / "tiny_shapes.md", text)
     if any(b.get("group") == "digits-quality" for b in benchmarks):
         text = (
             "# digits quality\n\nClassifier accuracy / feature Fréchet distance of 500 samples (50 per digit) "
             f"vs steps, default guidance. Machine: {where}.\n\n{digits_table(benchmarks)}\n"
         )
-        (args.out / "digits.md").write_text(text)
-        print(f"wrote {args.out / 'digits.md'}")
+        _write(args.out / "digits.md", text)
     studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s)]
     if studies:
         parts = ["# OLSS quality\n\nRelative RMS error of the final latents on samples held out from calibration."]
@@ -388,9 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             table = olss_table(olss_rows(benchmarks, study))
             parts.append(f"## {study}\n\nReference: {OLSS_REFERENCE[study]}.\n\n{table}")
         parts.append(f"Machine: {where}.")
-        (args.out / "olss_quality.md").write_text("\n\n".join(parts) + "\n")
         olss_plot(benchmarks, args.out / "olss_quality.png")
-        print(f"wrote {args.out / 'olss_quality.md'} and {args.out / 'olss_quality.png'}")
+        _write(args.out / "olss_quality.md", "\n\n".join(parts) + "\n", args.out / "olss_quality.png")
     rows = gate_rows(benchmarks)
     if rows:
         text = (
@@ -399,9 +401,8 @@ def main(argv: list[str] | None = None) -> int:
             "adherence of 200 prompts (one batch, seed 0), max_skips 4, warmup 3. Wall time is one run on the "
             f"CPU. Machine: {where}.\n\n{gate_table(rows)}\n"
         )
-        (args.out / "gate_quality.md").write_text(text)
         gate_plot(rows, args.out / "gate_quality.png")
-        print(f"wrote {args.out / 'gate_quality.md'} and {args.out / 'gate_quality.png'}")
+        _write(args.out / "gate_quality.md", text, args.out / "gate_quality.png")
     if any(b.get("group") == "runtime-loop-overhead" for b in benchmarks):
         text = (
             "# Sampling-loop overhead: the reference loop (Python) vs the C++ loop\n\nPer step of a 20-step "
@@ -411,20 +412,18 @@ def main(argv: list[str] | None = None) -> int:
             "Python at all (a C++ service). Medians, one run, side by side. "
             f"Target: C++ ≤ 0.5× Python. Machine: {where}.\n\n{runtime_table(benchmarks)}\n"
         )
-        (args.out / "runtime.md").write_text(text)
         raw = [b for b in benchmarks if b.get("group") == "runtime-loop-overhead"]
         (args.out / "runtime_cpu.json").write_text(
             json.dumps({"machine_info": machine, "code": code, "benchmarks": raw}, indent=1)
         )
-        print(f"wrote {args.out / 'runtime.md'} and {args.out / 'runtime_cpu.json'}")
+        _write(args.out / "runtime.md", text, args.out / "runtime_cpu.json")
     if any(b.get("group") == "cpu-backends-unet-step" for b in benchmarks):
         text = (
             "# Backends on the CPU\n\ntiny-shapes, eager vs compiled (torch.compile / Inductor), side by side in one "
             "run (bench/test_backends_cpu.py), 2 threads; medians; the first compiled call per shape compiles "
             f"and is kept out of the timing. Machine: {where}.\n\n{backends_table(benchmarks)}\n"
         )
-        (args.out / "backends.md").write_text(text)
-        print(f"wrote {args.out / 'backends.md'}")
+        _write(args.out / "backends.md", text)
     if any(b.get("group") == "solver-parity" for b in benchmarks):
         text = (
             "# Parity with diffusers\n\nEach solver variant's plan on the reference loop against the diffusers "
@@ -433,8 +432,7 @@ def main(argv: list[str] | None = None) -> int:
             "3x3x5x7, an exact Gaussian-mixture model. Differences are relative RMS of the final latent and the "
             f"largest over the model inputs. Machine: {where}.\n\n{parity_table(benchmarks)}\n"
         )
-        (args.out / "parity.md").write_text(text)
-        print(f"wrote {args.out / 'parity.md'}")
+        _write(args.out / "parity.md", text)
     service = [b["extra_info"] for b in benchmarks if b.get("group") == "service-cpu"]
     if service:
         first = service[0]
@@ -446,10 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             "the serving time (package load apart), one process per round, 3 rounds. Machine: "
             f"{where}, {first['cores']} cores.\n\n{service_table(benchmarks)}\n"
         )
-        (args.out / "service.md").write_text(text)
-        print(f"wrote {args.out / 'service.md'}")
-    (args.out / "timings.md").write_text(f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
-    print(f"wrote {args.out / 'timings.md'}")
+        _write(args.out / "service.md", text)
+    _write(args.out / "timings.md", f"# Benchmark timings\n\nMachine: {where}.\n\n{timing_table(benchmarks)}\n")
     return 0
 
 
