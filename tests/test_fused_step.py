@@ -45,13 +45,21 @@ def synthetic_program(ncols: int, seed: int = 0) -> Program:
     )
 
 
+REUSE = (1.75, -0.75)  # call 0's skip row in these tests: g = a·out[1] + b·out[0]
+
+
+def reuse_table(dtype=torch.float32, device="cpu"):
+    return torch.tensor([REUSE], dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+
+
 def exact_step(raw, w, basis, tables, rows, out):
     """Call 0 of `tables` in float64 from the stored (rounded) inputs, with the float32 coefficients."""
     batch = basis.shape[1]
     b64 = basis.double()
     coef = torch.as_tensor(tables.coef).float().double()
     gcoef = torch.as_tensor(tables.gcoef).float().double()
-    g = out.double().clone() if out is not None else torch.zeros_like(b64[0])
+    a, b_ = (torch.tensor(c).float().double() for c in REUSE)
+    g = a * out[1].double() + b_ * out[0].double() if out is not None else torch.zeros_like(b64[0])
     r = rows.tolist() if rows is not None else list(range(batch))
     half = raw.shape[0] // (2 if w is not None else 1)
     for b in range(batch):
@@ -82,7 +90,7 @@ def step_inputs(batch, shape, ncols, dtype, guided, skip, seed=0):
         rows = torch.full((batch,), -1, dtype=torch.int32)
         for r, b in enumerate(computed):
             rows[b] = r
-        out = torch.randn(batch, *shape, generator=gen).to(dtype)
+        out = torch.randn(2, batch, *shape, generator=gen).to(dtype)
     raw = torch.randn(len(computed) * (2 if guided else 1), *shape, generator=gen).to(dtype)
     w = torch.linspace(1.0, 4.0, batch) if guided else None
     return tables, basis, raw, w, rows, out
@@ -118,6 +126,7 @@ def test_step_within_twice_the_reference_rounding(case, dtype, impl):
             rows=None if rows is None else rows.to(DEVICE),
             out=o,
             stat=stat,
+            reuse=None if o is None else reuse_table(dtype, DEVICE),
             impl=which,
         )
         results[which] = (b.cpu(), None if o is None else o.cpu(), stat.cpu())
@@ -127,16 +136,15 @@ def test_step_within_twice_the_reference_rounding(case, dtype, impl):
     ref_err = (ref_b.double() - want).abs().max().item()
     assert (got_b.double() - want).abs().max().item() <= 2 * ref_err + floor
     assert ref_err <= torch.finfo(dtype).eps * scale * 4  # the reference itself rounds once
-    # untouched rows stay untouched; skipped samples keep their previous output
+    # untouched rows stay untouched; out[0] (k % 2) receives every sample's g (skipped ones: the
+    # skip row's prediction from both outputs), out[1] keeps g_{k−1}
     written = set(tables.dst[0].tolist())
     for r in range(tables.num_rows):
         if r not in written:
             assert torch.equal(got_b[r], basis[r])
     if out is not None:
-        for b_, r in enumerate(rows.tolist()):
-            if r < 0:
-                assert torch.equal(got_o[b_], out[b_])
-        assert (got_o.double() - g).abs().max().item() <= 2 * (ref_o.double() - g).abs().max().item() + floor
+        assert torch.equal(got_o[1], out[1])
+        assert (got_o[0].double() - g).abs().max().item() <= 2 * (ref_o[0].double() - g).abs().max().item() + floor
     # the statistic is over the stored (rounded) next input, summed in float32
     for stored, stat in ((ref_b, ref_s), (got_b, got_s)):
         exact = (stored[int(tables.dst[0, 1])].double() - basis[0].double()).abs().reshape(batch, -1).mean(1)
@@ -161,7 +169,11 @@ def _basic(dtype=torch.float32):
         (lambda a: {**a, "raw": a["raw"][:4]}, "holds 2 samples"),
         (lambda a: {**a, "guidance": a["guidance"][:2]}, "one w per sample"),
         (lambda a: {**a, "rows": torch.tensor([0, -1, 1], dtype=torch.int32), "raw": a["raw"][:4]}, "pass out="),
-        (lambda a: {**a, "out": torch.zeros(3, 3, 5, 7, dtype=torch.bfloat16)}, "out is bfloat16"),
+        (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7, dtype=torch.bfloat16), "reuse": reuse_table()}, "out is bfloat16"),
+        (lambda a: {**a, "out": torch.zeros(3, 3, 5, 7)}, r"out must be a \[2, batch, \.\.\.\] buffer"),
+        (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7)}, "out= needs reuse="),
+        (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7), "reuse": torch.zeros(2, 2)}, "out= needs reuse="),
+        (lambda a: {**a, "out": torch.zeros(2, 2, 3, 5, 7), "reuse": reuse_table()}, "out must hold the batch of 3"),
         (lambda a: {**a, "basis": a["basis"][:, :, :2].contiguous()}, "model output has latent shape"),
         (lambda a: {**a, "k": 1}, "call 1 outside the plan's 1 calls"),
         (lambda a: {**a, "impl": "cuda"}, "impl must be"),

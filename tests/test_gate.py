@@ -136,9 +136,9 @@ def test_the_rule_is_identical_in_torch_triton_and_cpp(gate, impl):
 # ---------------------------------------------------------------- settings and bad input
 def test_gate_specs_are_frozen_values_with_the_cpp_fields():
     gate = GateSpec(delta=0.004, max_skips=6, warmup=3)
-    assert gate.to_dict() == {"delta": 0.004, "max_skips": 6, "warmup": 3, "per_sample": True}
+    assert gate.to_dict() == {"delta": 0.004, "max_skips": 6, "warmup": 3, "per_sample": True, "reuse": "extrapolate"}
     assert gate == GateSpec(0.004, 6, 3) and hash(gate) == hash(GateSpec(0.004, 6, 3))
-    assert repr(gate) == "GateSpec(delta=0.004, max_skips=6, warmup=3, per_sample=True)"
+    assert repr(gate) == "GateSpec(delta=0.004, max_skips=6, warmup=3, per_sample=True, reuse='extrapolate')"
     with pytest.raises(AttributeError):
         gate.delta = 0.1
     assert GateSpec(delta=1).delta == 1.0 and isinstance(GateSpec(delta=1).delta, float)
@@ -162,6 +162,7 @@ def test_skip_arguments_resolve_to_a_gate_spec():
         ({"max_skips": -1}, "max_skips must be an integer >= 0, got -1"),
         ({"warmup": 1.5}, "warmup must be an integer >= 0, got 1.5"),
         ({"per_sample": "yes"}, "per_sample must be True or False, got 'yes'"),
+        ({"reuse": "last"}, "reuse must be one of 'extrapolate', 'copy', got 'last'"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):
@@ -178,5 +179,7 @@ def test_the_cpp_bridge_takes_exactly_the_gate_spec_fields():
         _C.gate_decisions(stats, {**GateSpec().to_dict(), "detla": 0.1})
     with pytest.raises(ValueError, match="gate option 'per_sample' is missing"):
         _C.gate_decisions(stats, {"delta": 0.1, "max_skips": 2, "warmup": 3})
+    with pytest.raises(ValueError, match="gate option reuse must be 'extrapolate' or 'copy', got 'last'"):
+        _C.gate_decisions(stats, {**GateSpec().to_dict(), "reuse": "last"})
     with pytest.raises(TypeError, match=r"gate must be GateSpec.to_dict\(\)"):
         _C.gate_decisions(stats, GateSpec())

@@ -192,8 +192,10 @@ def test_model_output_dtype_is_converted_to_the_latents(sd_schedule):
 # ---------------------------------------------------------------- the gate in the reference loop
 def naive_gated(plan, model, x_T, gate: GateSpec):
     """The canonical plan with per-sample skipping in plain torch: x_k = Σ coef[k, j]·basis_j; a
-    skipped sample's output is its previous output (the model always sees the whole batch)."""
+    skipped sample's output is its previous output ("copy") or the Lagrange line through its
+    previous two outputs at the call's time ("extrapolate"); the model always sees the whole batch."""
     coef = torch.tensor(plan.coef, dtype=x_T.dtype)
+    t = [float(v) for v in plan.times]
     basis = [x_T]
     state = [torch.zeros(x_T.shape[0]), torch.zeros(x_T.shape[0]), torch.zeros(x_T.shape[0], dtype=torch.int32)]
     prev_x = prev = None
@@ -205,13 +207,18 @@ def naive_gated(plan, model, x_T, gate: GateSpec):
             skip, *state = gate.decide(k, d, *state)
         out = model(x, torch.full((x.shape[0],), float(plan.times[k])))
         if prev is not None:
-            out = torch.where(skip.reshape(-1, *[1] * (x.dim() - 1)), prev, out)
+            guess = prev
+            if gate.reuse == "extrapolate" and k >= 2:
+                t0, t1, t2 = t[k], t[k - 1], t[k - 2]
+                guess = prev * (t0 - t2) / (t1 - t2) + basis[-2] * (t0 - t1) / (t2 - t1)
+            out = torch.where(skip.reshape(-1, *[1] * (x.dim() - 1)), guess, out)
         basis.append(out)
         prev_x, prev = x, out
     return sum(coef[-1, j] * basis[j] for j in range(plan.nfe + 1))
 
 
-def test_gated_loop_compacts_the_batch_and_matches_the_naive_gated_plan(sd_schedule):
+@pytest.mark.parametrize("reuse", ["extrapolate", "copy"])
+def test_gated_loop_compacts_the_batch_and_matches_the_naive_gated_plan(sd_schedule, reuse):
     plan = solvers.build("dpmpp_2m", sd_schedule, 30)
     model = gmm_model(sd_schedule)
     x_T = odd_latents(batch=3).double()
@@ -222,7 +229,7 @@ def test_gated_loop_compacts_the_batch_and_matches_the_naive_gated_plan(sd_sched
         seen.append(None if index is None else index.tolist())
         return model(x, t)
 
-    gate = GateSpec(delta=0.05, max_skips=3, warmup=3)
+    gate = GateSpec(delta=0.05, max_skips=3, warmup=3, reuse=reuse)
     got = reference.run(program.compile(plan), raw_fn, x_T, gate=gate, impl="torch")
     assert rel_rms(got.latents, naive_gated(plan, model, x_T, gate)) < 1e-12
     assert min(got.nfe) < plan.nfe and got.unet_calls == len(seen)
@@ -274,7 +281,8 @@ def run_loop(name, plan, raw_fn, x_T, **kw):
 
 GATES = {
     "none": None,
-    "per-sample": GateSpec(delta=0.05, max_skips=3),
+    "per-sample": GateSpec(delta=0.05, max_skips=3),  # reuse="extrapolate"
+    "per-sample-copy": GateSpec(delta=0.05, max_skips=3, reuse="copy"),
     "per-batch": GateSpec(delta=0.05, per_sample=False),
 }
 

@@ -169,3 +169,21 @@ def test_programs_describe_themselves(sd_schedule):
     compiled = program.compile(solvers.build("ddim", sd_schedule, 4))
     assert isinstance(compiled, Program) and compiled.key == compiled.plan.hash()
     assert repr(compiled).startswith("Program(StepPlan(ddim, nfe=4") and "2 rows" in repr(compiled)
+
+
+def test_extrapolation_rows_continue_a_line_and_copy_where_times_repeat(sd_schedule):
+    times = np.array([999.0, 900.0, 700.0, 650.0, 650.0, 100.0])
+    rows = program.extrapolation_rows(times)
+    assert rows.shape == (6, 2) and np.array_equal(rows[:2], [[1.0, 0.0], [1.0, 0.0]])
+    for k in (2, 3):  # g linear in t is predicted exactly
+        g = lambda t: 3.0 - 0.01 * t  # noqa: E731
+        assert rows[k, 0] * g(times[k - 1]) + rows[k, 1] * g(times[k - 2]) == pytest.approx(g(times[k]))
+    assert np.array_equal(rows[5], [1.0, 0.0])  # t_4 == t_3: no line, the last output is repeated
+    plan = solvers.build("dpmpp_2m", sd_schedule, 10)
+    compiled = program.compile(plan)
+    assert np.array_equal(compiled.reuse_rows("extrapolate"), program.extrapolation_rows(plan.times))
+    assert np.array_equal(compiled.reuse_rows("copy"), np.tile([1.0, 0.0], (10, 1)))
+    with pytest.raises(ValueError, match="reuse must be one of extrapolate, copy, got 'last'"):
+        compiled.reuse_rows("last")
+    table = compiled.reuse_table("cpu", torch.float16, "copy")
+    assert table.dtype == torch.float32 and table is compiled.reuse_table("cpu", torch.float32, "copy")

@@ -87,17 +87,17 @@ class PyDenoiser : public fastdiff::Denoiser {
   py::function fn_;
 };
 
-// GateOptions from fastdiff.gate.GateSpec.to_dict(): exactly its four keys.
+// GateOptions from fastdiff.gate.GateSpec.to_dict(): exactly its five keys.
 fastdiff::GateOptions gate_from_dict(const py::object& gate, const std::string& method) {
   if (!py::isinstance<py::dict>(gate))
     throw py::type_error(method + ": gate must be GateSpec.to_dict() (a dict) or None");
   const auto g = gate.cast<py::dict>();
-  const char* keys[] = {"delta", "max_skips", "warmup", "per_sample"};
+  const char* keys[] = {"delta", "max_skips", "warmup", "per_sample", "reuse"};
   for (auto item : g) {
     const std::string key = py::str(item.first);
     if (std::find(std::begin(keys), std::end(keys), key) == std::end(keys))
       throw py::value_error(method + ": unknown gate option '" + key + "' (GateSpec.to_dict() has delta, max_skips, "
-                            "warmup, per_sample)");
+                            "warmup, per_sample, reuse)");
   }
   for (const char* key : keys)
     if (!g.contains(key)) throw py::value_error(method + ": gate option '" + key + "' is missing (pass GateSpec.to_dict())");
@@ -106,6 +106,10 @@ fastdiff::GateOptions gate_from_dict(const py::object& gate, const std::string& 
   o.max_skips = g["max_skips"].cast<int>();
   o.warmup = g["warmup"].cast<int>();
   o.per_sample = g["per_sample"].cast<bool>();
+  const std::string reuse = py::str(g["reuse"]);
+  if (reuse != "extrapolate" && reuse != "copy")
+    throw py::value_error(method + ": gate option reuse must be 'extrapolate' or 'copy', got '" + reuse + "'");
+  o.extrapolate = reuse == "extrapolate";
   fastdiff::check_gate(method.c_str(), o);
   return o;
 }

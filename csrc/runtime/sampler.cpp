@@ -54,6 +54,26 @@ void check_guidance(const char* who, const float* guidance, int64_t batch) {
       throw SamplerError(std::string(who) + ": guidance weight " + std::to_string(b) + " is not finite");
 }
 
+std::vector<float> reuse_rows(const std::vector<double>& times, bool extrapolate) {
+  const size_t n = times.size();
+  std::vector<float> rows(2 * n, 0.0f);
+  for (size_t k = 0; k < n; ++k) {
+    double a = 1.0, b = 0.0;
+    if (extrapolate && k >= 2) {
+      const double span = times[k - 1] - times[k - 2];
+      const double scale = std::max({std::fabs(times[k - 1]), std::fabs(times[k - 2]), 1.0});
+      if (std::fabs(span) > 1e-9 * scale) {
+        const double r = (times[k] - times[k - 1]) / span;
+        a = 1.0 + r;
+        b = -r;
+      }
+    }
+    rows[2 * k] = static_cast<float>(a);
+    rows[2 * k + 1] = static_cast<float>(b);
+  }
+  return rows;
+}
+
 void check_gate(const char* who, const GateOptions& g) {
   const std::string w(who);
   if (!(g.delta >= 0.0) || !std::isfinite(g.delta))
@@ -90,7 +110,8 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
 
   std::vector<float> basis(static_cast<size_t>(p.num_rows) * bm);
   std::vector<float> raw((guided ? 2 : 1) * bm);
-  std::vector<float> out(gated ? bm : 0);       // each sample's last guided output (for skips)
+  std::vector<float> out(gated ? 2 * bm : 0);   // each sample's last two guided outputs, call k's in half k % 2
+  const std::vector<float> reuse = gated ? reuse_rows(plan_.times, req.gate->extrapolate) : std::vector<float>();
   std::vector<float> xin, tin(static_cast<size_t>(batch));  // compacted inputs
   std::vector<float> stat(gated ? batch : 0);
   std::vector<float> scratch_g(static_cast<size_t>(m)), scratch[2] = {std::vector<float>(m), std::vector<float>(m)};
@@ -153,6 +174,8 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
     // operations in the same order as torch), into scratch rows, then stored: both rows are
     // computed from the values before the call.
     const auto& rt = rows_[k];
+    float* const out_k = gated ? out.data() + (k % 2) * bm : nullptr;         // g_k goes here, over g_{k-2}
+    const float* const out_last = gated ? out.data() + ((k + 1) % 2) * bm : nullptr;  // g_{k-1}
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t r = rows[b];
       const size_t off = static_cast<size_t>(b * m);
@@ -161,7 +184,7 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
         g = raw.data() + r * m;
       } else if (r >= 0) {
         const float* __restrict u = raw.data() + r * m;
-        float* __restrict gb = gated ? out.data() + off : scratch_g.data();
+        float* __restrict gb = gated ? out_k + off : scratch_g.data();
         if (guided) {
           const float* __restrict c = raw.data() + (n + r) * m;
           const float w = req.guidance[b];
@@ -171,7 +194,12 @@ SampleResult Sampler::run(Denoiser& model, const SampleRequest& req) const {
         }
         g = gb;
       } else {
-        g = out.data() + off;  // skipped: the previous guided output
+        // Skipped: the skip row's prediction a·g_{k-1} + b·g_{k-2}, stored over g_{k-2}.
+        const float a = reuse[2 * k], c = reuse[2 * k + 1];
+        float* __restrict gb = out_k + off;
+        const float* __restrict last = out_last + off;
+        for (int64_t e = 0; e < m; ++e) gb[e] = fd_reuse(a, last[e], c, gb[e]);
+        g = gb;
       }
       for (size_t i = 0; i < 2; ++i) {
         if (rt[i].dst < 0) continue;

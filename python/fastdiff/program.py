@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .gate import REUSE_MODES
 from .plan import PlanError, StepPlan
 
 MIN_WIDTH = 8  # table width (columns per row) is a multiple of this: few distinct kernel variants
@@ -73,6 +74,24 @@ class DeviceTables(NamedTuple):
     gcoef: object  # like coef, [N, 2]
     x_row: object  # int32 [N]
     times: object  # float32 [N], the model time of each call
+
+
+def extrapolation_rows(times) -> np.ndarray:
+    """The skip rows of a plan with these model times: float64 [N, 2], row k = (a, b) such that a
+    skipped call k's guided output is predicted as a·g_{k−1} + b·g_{k−2} (g_j the guided output
+    call j used, itself predicted if j was skipped): the line through the two previous outputs,
+    evaluated at t_k, i.e. a = 1 + r, b = −r with r = (t_k − t_{k−1}) / (t_{k−1} − t_{k−2}).
+    Rows 0 and 1, and calls whose two previous times coincide (a solver's repeated evaluation
+    time), repeat the last output: (1, 0). The C++ twin is fastdiff::extrapolation_rows."""
+    t = np.asarray(times, dtype=np.float64)
+    rows = np.zeros((t.shape[0], 2))
+    rows[:, 0] = 1.0
+    for k in range(2, t.shape[0]):
+        span = t[k - 1] - t[k - 2]
+        if abs(span) > 1e-9 * max(abs(t[k - 1]), abs(t[k - 2]), 1.0):
+            r = (t[k] - t[k - 1]) / span
+            rows[k] = (1.0 + r, -r)
+    return rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +142,32 @@ class Program:
             read = {int(s) for s in self.src[k].ravel() if s >= 0} | {int(self.x_row[k])}
             live = (live - written) | read
         return tuple(reversed(after))
+
+    def reuse_rows(self, mode: str = "extrapolate") -> np.ndarray:
+        """float64 [N, 2]: a skipped call k's guided output is row[k, 0]·g_{k−1} + row[k, 1]·g_{k−2}.
+        "extrapolate": `extrapolation_rows` of the plan's times; "copy": (1, 0), the previous
+        output repeated (AdaptiveDiffusion's reuse)."""
+        if mode == "extrapolate":
+            return extrapolation_rows(self.times)
+        if mode == "copy":
+            rows = np.zeros((self.num_steps, 2))
+            rows[:, 0] = 1.0
+            return rows
+        raise ValueError(f"reuse must be one of {', '.join(REUSE_MODES)}, got {mode!r}")
+
+    def reuse_table(self, device, dtype, mode: str = "extrapolate"):
+        """`reuse_rows(mode)` on `device` (float32; float64 for float64 latents), copied once and
+        cached like `tables`."""
+        import torch
+
+        device = torch.device(device)
+        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (str(device), coef_dtype, mode)
+        cached = self._on_device.get(key)
+        if cached is None:
+            cached = torch.from_numpy(self.reuse_rows(mode)).to(device=device, dtype=coef_dtype)
+            self._on_device[key] = cached
+        return cached
 
     def tables(self, device, dtype) -> DeviceTables:
         """The tables on `device` for latents of `dtype` (copied once, then cached): float32

@@ -398,7 +398,7 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   const size_t bm = static_cast<size_t>(v.bm);
   v.basis = device_alloc<float>(d.owned, s, static_cast<size_t>(p.num_rows) * bm, "latents");
   v.raw = device_alloc<float>(d.owned, s, (o.guided ? 2 : 1) * bm, "model output");
-  v.gout = device_alloc<float>(d.owned, s, o.gated ? bm : 0, "guided output");
+  v.gout = device_alloc<float>(d.owned, s, o.gated ? 2 * bm : 0, "guided outputs");
   v.w = device_alloc<float>(d.owned, s, static_cast<size_t>(o.batch), "guidance");
   d.x_stage = device_alloc<float>(d.owned, s, bm, "x_T");
   v.skip = device_alloc<int>(d.owned, s, static_cast<size_t>(d.steps), "skip flags");
@@ -417,17 +417,21 @@ CudaRunner::CudaRunner(const StepPlan& plan, DeviceDenoiser& model, RunnerOption
   int* src = device_alloc<int>(d.owned, s, cells, "program src");
   float* gc = device_alloc<float>(d.owned, s, rows, "program gcoef");
   float* cf = device_alloc<float>(d.owned, s, cells, "program coef");
+  const std::vector<float> reuse = reuse_rows(d.plan.times, o.gate.extrapolate);
+  float* ru = device_alloc<float>(d.owned, s, reuse.size(), "skip rows");
   d.times = device_alloc<float>(d.owned, s, times.size(), "times");
   check(cudaMemcpyAsync(dst, p.dst.data(), rows * sizeof(int), cudaMemcpyHostToDevice, s), "upload program dst");
   check(cudaMemcpyAsync(src, p.src.data(), cells * sizeof(int), cudaMemcpyHostToDevice, s), "upload program src");
   check(cudaMemcpyAsync(gc, gcoef.data(), rows * sizeof(float), cudaMemcpyHostToDevice, s), "upload program gcoef");
   check(cudaMemcpyAsync(cf, coef.data(), cells * sizeof(float), cudaMemcpyHostToDevice, s), "upload program coef");
+  check(cudaMemcpyAsync(ru, reuse.data(), reuse.size() * sizeof(float), cudaMemcpyHostToDevice, s), "upload skip rows");
   check(cudaMemcpyAsync(d.times, times.data(), times.size() * sizeof(float), cudaMemcpyHostToDevice, s),
         "upload times");
   v.dst = dst;
   v.src = src;
   v.gcoef = gc;
   v.coef = cf;
+  v.reuse = ru;
   // The memsets and uploads are ordered on the runner's stream, as is every later use of these
   // buffers. Waiting for that stream alone, never the device (cudaDeviceSynchronize would
   // invalidate a capture that another thread's runner is making), reports a failed upload here

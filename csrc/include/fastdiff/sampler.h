@@ -55,7 +55,16 @@ struct GateOptions {
   int max_skips = 4;
   int warmup = 3;
   bool per_sample = true;  // false: one decision for the batch from the batch-mean statistic
+  // What a skipped call uses (GateSpec.reuse): true "extrapolate" (the line through the last two
+  // outputs at the call's time), false "copy" (the last output).
+  bool extrapolate = true;
 };
+
+// The skip rows (fastdiff.program.Program.reuse_rows), row-major [N * 2]: a skipped call k's
+// guided output is rows[2k]·g_{k−1} + rows[2k+1]·g_{k−2}. extrapolate: (1 + r, −r) with
+// r = (t_k − t_{k−1}) / (t_{k−1} − t_{k−2}) from call 2 on where the two previous times differ,
+// else (1, 0); copy: (1, 0) everywhere.
+std::vector<float> reuse_rows(const std::vector<double>& times, bool extrapolate);
 
 // The gate's decision state in a sampling call, one entry per decision group (a sample, or the
 // batch); the rule itself is fd_gate_active/fd_gate_observe (fastdiff/step_math.h).

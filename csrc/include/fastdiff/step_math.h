@@ -49,6 +49,10 @@ FASTDIFF_HD float fd_guide(float u, float c, float w) { return fd_add(u, fd_mul(
 // One accumulation of a program row: v + coef·src.
 FASTDIFF_HD float fd_axpy(float v, float coef, float src) { return fd_add(v, fd_mul(coef, src)); }
 
+// A skipped call's guided output from the last two (the skip row (a, b), fastdiff::reuse_rows):
+// a·g_{k−1} + b·g_{k−2}, rounded as torch rounds a * last + b * older.
+FASTDIFF_HD float fd_reuse(float a, float last, float b, float older) { return fd_axpy(fd_mul(a, last), b, older); }
+
 // The gate's warm-up, as fastdiff.gate applies it: whether the decision for model call
 // `call` may skip it. Calls 0..warmup-1 are always made, and the rule needs d_{k-2}, so never
 // before call 3 (call 0 always runs). Spelled without std::max so the device can call it.

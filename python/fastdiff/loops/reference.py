@@ -6,7 +6,8 @@ decision for the next call. The fused step is the Triton kernel on a GPU and the
 on the CPU (`impl`), so the CPU runs the code GPU users run. Without a gate nothing reads device
 memory back and nothing is copied from the host, so the same code is what the graph loop
 captures. With a gate the flags are read once per call to compact the batch: the model sees
-only the samples that need the call (`_Compaction`), the others reuse their last output.
+only the samples that need the call (`_Compaction`), the others take the gate's prediction
+from their last two outputs (GateSpec.reuse).
 
 `steps` is the loop as a generator (it yields each model call and receives the raw output), so
 a caller that owns the model calls — diffusers' pipeline loop driving `PlanScheduler` — runs the
@@ -70,7 +71,7 @@ def steps(program, x_T, *, guidance=None, gate=None, callback=None, impl="auto")
         times = program.tables(x_T.device, x_T.dtype).times[:, None].expand(-1, batch).contiguous()
         basis = torch.empty((program.num_rows, *x_T.shape), dtype=x_T.dtype, device=x_T.device)
         torch.mul(x_T, program.init_coef, out=basis[program.init_row])
-    compaction = _Compaction(gate, basis, impl) if gate is not None else None
+    compaction = _Compaction(gate, basis, program, impl) if gate is not None else None
     for k in range(program.num_steps):
         x = basis[int(program.x_row[k])]
         if compaction is None:
@@ -95,14 +96,15 @@ class _Compaction:
     """The gate inside the reference loop: its decision state (one group per sample, or one for
     the batch) and the compaction of each call to the samples that need it."""
 
-    def __init__(self, gate: GateSpec, basis: torch.Tensor, impl: str):
+    def __init__(self, gate: GateSpec, basis: torch.Tensor, program: Program, impl: str):
         batch, device = basis.shape[1], basis.device
         self.gate, self.batch = gate, batch
         groups = batch if gate.per_sample else 1
         self.d1 = torch.zeros(groups, dtype=torch.float32, device=device)
         self.d2 = torch.zeros_like(self.d1)
         self.run = torch.zeros(groups, dtype=torch.int32, device=device)
-        self.out = torch.empty_like(basis[0])  # each sample's last guided output
+        self.out = basis.new_empty((2, *basis.shape[1:]))  # each sample's last two guided outputs (call k: out[k % 2])
+        self.reuse = program.reuse_table(device, basis.dtype, gate.reuse)  # a skipped call's row
         self.elements = basis[0, 0].numel()
         if impl == "triton":
             from ..ops.triton_step import num_blocks
@@ -114,7 +116,7 @@ class _Compaction:
         self.nfe, self.skipped, self.unet_calls = [0] * batch, [[] for _ in range(batch)], 0
 
     def buffers(self) -> dict:
-        return {"out": self.out, "stat": self.stat, "partials": self.partials}
+        return {"out": self.out, "stat": self.stat, "partials": self.partials, "reuse": self.reuse}
 
     def call(self, k: int, x: torch.Tensor, t: torch.Tensor):
         """Yield the model call for the samples that compute call k; returns (raw output, rows

@@ -15,9 +15,12 @@ rows from them, so a new plan needs no recompilation and the step can sit inside
 Arithmetic is float32 whatever the storage dtype (float64 for float64 latents) and each result
 is rounded once when stored.
 
-Skipping (the gate): ``rows[b] = -1`` marks a sample whose call was skipped; its g is read
-from ``out`` (the previous guided output: nothing is copied); computed samples read row
-rows[b] of a compacted raw output and store their g into ``out``.
+Skipping (the gate): ``out`` [2, B, ...] holds each sample's last two guided outputs, call k's
+g going to out[k % 2] (over g_{k−2}; nothing is ever copied between the two). ``rows[b] = -1``
+marks a sample whose call was skipped: its g is predicted as reuse[k, 0]·out[(k+1) % 2] +
+reuse[k, 1]·out[k % 2] = a·g_{k−1} + b·g_{k−2} (`Program.reuse_table`: extrapolation along the
+plan's times, or (1, 0) to repeat the last output) and stored like a computed one; computed
+samples read row rows[b] of a compacted raw output.
 
 Two implementations with one API: `fused_step(..., impl="torch")` (this module, the reference)
 and `impl="triton"` (`fastdiff.ops.triton_step`), tested against each other.
@@ -31,7 +34,7 @@ from ..dtypes import dtype_name
 from ..program import Program
 
 
-def _check(k, raw, guidance, basis, program, rows, out, stat):
+def _check(k, raw, guidance, basis, program, rows, out, stat, reuse=None):
     """Shapes, dtypes and devices of a fused step's arguments; returns (batch, computed)."""
     if not isinstance(program, Program):
         raise TypeError(f"fused_step: program must be a fastdiff.program.Program, got {type(program).__name__}")
@@ -42,7 +45,11 @@ def _check(k, raw, guidance, basis, program, rows, out, stat):
             f"fused_step: basis must be a contiguous [{program.num_rows}, batch, ...] buffer, got {tuple(basis.shape)}"
         )
     batch = basis.shape[1]
-    for name, t in (("model output", raw), ("out", out)):
+    if out is not None and (out.dim() != basis.dim() or out.shape[0] != 2):
+        raise ValueError(
+            f"fused_step: out must be a [2, batch, ...] buffer (the last two guided outputs), got {tuple(out.shape)}"
+        )
+    for name, t in (("model output", raw), ("out", None if out is None else out[0])):
         if t is None:
             continue
         if t.device != basis.device:
@@ -71,9 +78,21 @@ def _check(k, raw, guidance, basis, program, rows, out, stat):
         if rows.shape != (batch,) or rows.dtype != torch.int32 or rows.device != basis.device:
             raise ValueError(f"fused_step: rows must be int32 [{batch}] on {basis.device}")
         if out is None:
-            raise ValueError("fused_step: skipped samples (rows = -1) read the previous output: pass out=")
-    if out is not None and out.shape[0] != batch:
-        raise ValueError(f"fused_step: out must hold the batch of {batch}, got {out.shape[0]}")
+            raise ValueError("fused_step: skipped samples (rows = -1) read the previous outputs: pass out=")
+    if out is not None:
+        if out.shape[1] != batch:
+            raise ValueError(f"fused_step: out must hold the batch of {batch}, got {out.shape[1]}")
+        coef_dtype = torch.float64 if basis.dtype == torch.float64 else torch.float32
+        if (
+            not isinstance(reuse, torch.Tensor)
+            or reuse.shape != (program.num_steps, 2)
+            or reuse.dtype != coef_dtype
+            or reuse.device != basis.device
+        ):
+            raise ValueError(
+                f"fused_step: out= needs reuse=, the {dtype_name(coef_dtype)} [{program.num_steps}, 2] skip rows on "
+                f"{basis.device} (Program.reuse_table)"
+            )
     if guidance is not None and (guidance.shape != (batch,) or guidance.device != basis.device):
         raise ValueError(f"fused_step: guidance must be a [{batch}] tensor on {basis.device} (one w per sample)")
     if stat is not None and (stat.shape != (batch,) or stat.dtype != torch.float32 or stat.device != basis.device):
@@ -93,7 +112,7 @@ def guide(u: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return u + w.to(acc).reshape(-1, *[1] * (u.dim() - 1)) * (c.to(acc) - u)
 
 
-def fused_step_reference(k, raw, guidance, basis, program, rows=None, out=None, stat=None) -> None:
+def fused_step_reference(k, raw, guidance, basis, program, rows=None, out=None, stat=None, reuse=None) -> None:
     """The torch reference of `fused_step` (same arguments); it reads `rows` on the host (a
     sync) when some samples skip, and never otherwise."""
     batch = basis.shape[1]
@@ -110,10 +129,14 @@ def fused_step_reference(k, raw, guidance, basis, program, rows=None, out=None, 
     else:
         half = raw.shape[0] // 2
         computed_g = guide(raw[:half][source], raw[half:][source], guidance[index])
-    g = out.to(acc) if out is not None else torch.empty(basis.shape[1:], dtype=acc, device=basis.device)
+    if out is not None:
+        a, b = reuse[k].to(acc)  # the skip row: g_k = a·g_{k−1} + b·g_{k−2} (out[(k+1) % 2], out[k % 2])
+        g = a * out[(k + 1) % 2].to(acc) + b * out[k % 2].to(acc)
+    else:
+        g = torch.empty(basis.shape[1:], dtype=acc, device=basis.device)
     g[index] = computed_g
     if out is not None:
-        out[index] = computed_g.to(out.dtype)
+        out[k % 2] = g.to(out.dtype)
     # The table's layout comes from the host copy: without skipping nothing here syncs.
     tables = program.tables(basis.device, basis.dtype)
     dst, src = program.dst[k].tolist(), program.src[k].tolist()
@@ -154,6 +177,7 @@ def fused_step(
     out: torch.Tensor | None = None,
     stat: torch.Tensor | None = None,
     partials: torch.Tensor | None = None,
+    reuse: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> None:
     """Run call k's non-UNet work: guidance, the output's slot, the next input, the gate statistic.
@@ -161,18 +185,22 @@ def fused_step(
     raw: the model output for the computed samples, [B', ...] (guidance None) or [2B', ...] =
     [uncond; cond]. guidance: float32 [B] weights w (g = u + w·(c − u)) or None. basis: the
     [program.num_rows, B, ...] buffer of latents (updated in place). rows: int32 [B], sample b's row in raw or -1
-    for a skipped call (then out is required and holds its previous g). out: [B, ...] buffer of
-    the guided output (written for computed samples). stat: float32 [B] output, mean|x^(k+1) −
+    for a skipped call (then out is required). out: [2, B, ...] buffer of the last two guided
+    outputs (call k's g is written to out[k % 2] for every sample). reuse: the [N, 2] skip rows
+    (`Program.reuse_table`), required with out: a skipped sample's g = reuse[k, 0]·out[(k+1) % 2]
+    + reuse[k, 1]·out[k % 2]. stat: float32 [B] output, mean|x^(k+1) −
     x^(k)| per sample. partials (Triton only): float32 [B, blocks] per-block sums of the same,
     for the gate's decision kernel. impl: "torch", "triton" or "auto" (Triton on a GPU when it
     is installed).
     """
-    _check(k, raw, guidance, basis, program, rows, out, stat)
+    _check(k, raw, guidance, basis, program, rows, out, stat, reuse)
     impl = resolve_impl(impl, basis.device)
     if impl == "torch":
         if partials is not None:
             raise ValueError("fused_step: partials= is the Triton kernel's output; the torch reference writes stat=")
-        return fused_step_reference(k, raw, guidance, basis, program, rows=rows, out=out, stat=stat)
+        return fused_step_reference(k, raw, guidance, basis, program, rows=rows, out=out, stat=stat, reuse=reuse)
     from . import triton_step  # impl == "triton"
 
-    return triton_step.fused_step(k, raw, guidance, basis, program, rows=rows, out=out, stat=stat, partials=partials)
+    return triton_step.fused_step(
+        k, raw, guidance, basis, program, rows=rows, out=out, stat=stat, partials=partials, reuse=reuse
+    )

@@ -162,9 +162,11 @@ def fused_step_launch(dtype, width, *, guided, rows, out, stat, batch, computed,
     raw = _meta(((2 if guided else 1) * computed, *latent), dtype, aligned)
     guidance = _meta((batch,), torch.float32, aligned) if guided else None
     rows_ = _meta((batch,), torch.int32, aligned) if rows else None
-    out_ = _meta((batch, *latent), dtype, aligned) if out else None
+    out_ = _meta((2, batch, *latent), dtype, aligned) if out else None
+    coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    reuse = _meta((program.num_steps, 2), coef_dtype, aligned) if out else None
     partials = _meta((batch, triton_step.num_blocks(basis)), torch.float32, aligned) if stat else None
-    return step_launch(k, raw, guidance, basis, program, rows=rows_, out=out_, partials=partials)
+    return step_launch(k, raw, guidance, basis, program, rows=rows_, out=out_, partials=partials, reuse=reuse)
 
 
 def decision_launch(nblocks, n, *, active, max_skips=4, groups=2):

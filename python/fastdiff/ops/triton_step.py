@@ -72,6 +72,7 @@ if triton is not None:
         coef_ptr,
         gcoef_ptr,
         x_row_ptr,
+        reuse_ptr,
         k,
         n,
         batch,
@@ -105,10 +106,15 @@ if triton is not None:
                 g = u + w * (c - u)
             else:
                 g = u
-            if HAS_OUT:
-                tl.store(out_ptr + sample, g.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            g = tl.load(out_ptr + sample, mask=mask, other=0.0).to(acc_ty)
+            # Skipped: the skip row a·g_{k−1} + b·g_{k−2}, from out[(k+1) % 2] and out[k % 2].
+            a = tl.load(reuse_ptr + 2 * k).to(acc_ty)
+            bb = tl.load(reuse_ptr + 2 * k + 1).to(acc_ty)
+            last = tl.load(out_ptr + ((k + 1) % 2) * slot_stride + sample, mask=mask, other=0.0).to(acc_ty)
+            older = tl.load(out_ptr + (k % 2) * slot_stride + sample, mask=mask, other=0.0).to(acc_ty)
+            g = a * last + bb * older
+        if HAS_OUT:
+            tl.store(out_ptr + (k % 2) * slot_stride + sample, g.to(out_ptr.dtype.element_ty), mask=mask)
         x_row = tl.load(x_row_ptr + k)
         x = tl.load(basis_ptr + x_row.to(tl.int64) * slot_stride + sample, mask=mask, other=0.0).to(acc_ty)
         new = x
@@ -190,7 +196,7 @@ class Launch(NamedTuple):
         KERNELS[self.kernel][self.grid](*self.args, **self.constexprs)
 
 
-def step_launch(k, raw, guidance, basis, program, rows=None, out=None, partials=None) -> Launch:
+def step_launch(k, raw, guidance, basis, program, rows=None, out=None, partials=None, reuse=None) -> Launch:
     """The fused-step kernel's launch for call k (arguments as in `fused_step`; `partials`, the
     per-block sums, is given exactly when the statistic is wanted)."""
     tables = program.tables(basis.device, basis.dtype)
@@ -210,6 +216,7 @@ def step_launch(k, raw, guidance, basis, program, rows=None, out=None, partials=
         tables.coef,
         tables.gcoef,
         tables.x_row,
+        reuse if reuse is not None else tables.coef,
         k,
         n,
         batch,
@@ -235,7 +242,7 @@ def gate_launch(partials, n, d1, d2, run, flags, *, active: bool, delta: float, 
     return Launch("gate", (groups,), args, {"RBLOCK": rblock})
 
 
-def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None, partials=None) -> None:
+def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None, partials=None, reuse=None) -> None:
     """Triton implementation of `fastdiff.ops.step.fused_step` (arguments checked there).
 
     partials: optional float32 [B, num_blocks(basis)] buffer for the per-block sums of
@@ -251,7 +258,7 @@ def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None,
         partials = torch.empty(batch, nblocks, dtype=torch.float32, device=basis.device)
     if partials is not None and (partials.shape != (batch, nblocks) or partials.dtype != torch.float32):
         raise ValueError(f"fused_step: partials must be float32 [{batch}, {nblocks}]")
-    step_launch(k, raw, guidance, basis, program, rows=rows, out=out, partials=partials)()
+    step_launch(k, raw, guidance, basis, program, rows=rows, out=out, partials=partials, reuse=reuse)()
     if stat is not None:
         stat.copy_(partials.sum(dim=1) / basis[0, 0].numel())
 

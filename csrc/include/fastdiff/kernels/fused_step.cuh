@@ -66,12 +66,15 @@ static __global__ void step_kernel(View v, int k, int x_row) {
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t off = b * v.m + e;
     float g;
+    float* const g_k = v.gout + (k % 2) * v.bm + off;  // receives g_k over g_{k−2} (gated only)
     if (skipped) {
-      g = v.gout[off];  // the previous guided output
+      // The skip row's prediction from the last two guided outputs.
+      g = fd_reuse(v.reuse[2 * k], v.gout[((k + 1) % 2) * v.bm + off], v.reuse[2 * k + 1], *g_k);
+      *g_k = g;
     } else {
       const float u = v.raw[off];
       g = v.guided ? fd_guide(u, v.raw[v.bm + off], wb) : u;
-      if (v.gated) v.gout[off] = g;
+      if (v.gated) *g_k = g;
       if (!isfinite(g)) atomicCAS(v.status, -1, k);
     }
     // Both rows from the values before this call (each element is read, then written, by one thread).

@@ -24,12 +24,13 @@ struct GateDev {
 struct View {
   float* basis;         // [num_rows, batch*m]
   float* raw;           // [(guided ? 2 : 1) * batch, m]
-  float* gout;          // [batch, m] last guided output (gated only)
+  float* gout;          // [2, batch*m] last two guided outputs, call k's in half k % 2 (gated only)
   float* w;             // [batch] guidance weights
   const int* dst;       // [N*2]
   const float* gcoef;   // [N*2]
   const int* src;       // [N*2*width]
   const float* coef;    // [N*2*width]
+  const float* reuse;   // [N*2] skip rows: a skipped call's g = reuse[2k]·g_{k−1} + reuse[2k+1]·g_{k−2}
   int* skip;            // [N] 1: call k skipped
   int* status;          // first call with non-finite guided output, or -1
   double* partial;      // [batch, blocks] gate statistic partial sums
