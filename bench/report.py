@@ -245,6 +245,83 @@ def gate_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+PEER_STYLE = {  # method -> (label, marker, colour index)
+    "gate": ("fastdiff gate (extrapolated reuse)", "o", 0),
+    "gate-copy": ("fastdiff gate before issue 19 (copy)", "x", 7),
+    "deepcache": ("DeepCache 0.1.1 (PyPI)", "s", 3),
+    "feature-cache": ("fastdiff feature cache", "^", 2),
+    "gate+feature-cache": ("fastdiff gate + feature cache", "D", 4),
+}
+
+
+def peer_rows(benchmarks: list[dict]) -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b.get("group") == "skip-peers"]
+
+
+def peer_table(rows: list[dict]) -> str:
+    """One table per (model, steps): every method and setting, fastest first."""
+    parts = []
+    for model, steps in sorted({(r["model"], r["steps"]) for r in rows}):
+        lines = [
+            f"### {model}, DPM-Solver++(2M) {steps} steps",
+            "",
+            "| method | setting | speed-up (wall) | calls/image | PSNR pooled | median | worst | SSIM (worst) | "
+            "adherence (unaccelerated) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        group = [r for r in rows if (r["model"], r["steps"]) == (model, steps)]
+        for r in sorted(group, key=lambda r: (r["method"] != "none", -r["speedup"])):
+            lines.append(
+                f"| {r['method']} | {r['setting']} | {r['speedup']:.2f}x | {r['mean_calls']:.1f} | {r['psnr']:.1f} | "
+                f"{r['psnr_median']:.1f} | {r['psnr_worst']:.1f} | {r['ssim']:.4f} ({r['ssim_worst']:.4f}) | "
+                f"{r['adherence'] * 100:.1f}% ({r['adherence_reference'] * 100:.1f}%) |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both speed-up and PSNR, by increasing speed-up."""
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points)]
+    return sorted(front)
+
+
+def peer_plot(rows: list[dict], path: Path) -> None:
+    """Speed-up vs pooled PSNR (top) and worst-image PSNR (bottom), one column per (model, steps);
+    every setting a point, each method's Pareto front a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = sorted({(r["model"], r["steps"]) for r in rows})
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7.5), squeeze=False)
+    for col, (model, steps) in enumerate(configs):
+        group = [r for r in rows if (r["model"], r["steps"]) == (model, steps) and r["method"] in PEER_STYLE]
+        for row, key in enumerate(("psnr", "psnr_worst")):
+            ax = axes[row][col]
+            for method, (label, marker, colour) in PEER_STYLE.items():
+                points = [(r["speedup"], r[key]) for r in group if r["method"] == method]
+                if not points:
+                    continue
+                c = plt.cm.tab10.colors[colour]
+                ax.scatter(*zip(*points), marker=marker, color=c, s=22, alpha=0.6, label=label)
+                front = pareto(points)
+                ax.plot([p[0] for p in front], [p[1] for p in front], color=c, linewidth=1.2)
+            if key == "psnr_worst":
+                ax.axhline(24, color="grey", linewidth=0.8, linestyle=":")
+            ax.axvspan(1.5, 3.0, color="grey", alpha=0.06)
+            ax.set_xlabel("wall-time speed-up of the whole call")
+            ax.set_ylabel("PSNR pooled (dB)" if key == "psnr" else "PSNR of the worst image (dB)")
+            ax.set_title(f"{model}, {steps} steps", fontsize=9)
+            ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=6.5, loc="lower left")
+    fig.suptitle("Step skipping vs deep-feature caching, side by side (32 held-out prompts, CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def runtime_table(benchmarks: list[dict]) -> str:
     """Loop overhead per step: a row per latent size, a column per runtime, C++/Python ratios."""
     rows = [b["extra_info"] for b in benchmarks if b.get("group") == "runtime-loop-overhead"]
@@ -403,6 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         gate_plot(rows, args.out / "gate_quality.png")
         _write(args.out / "gate_quality.md", text, args.out / "gate_quality.png")
+    rows = peer_rows(benchmarks)
+    if rows:
+        text = (
+            "# Step skipping vs the caching peers, side by side\n\nbench/test_skip_peers.py: every method on the same "
+            "engine, DPM-Solver++(2M), steps, noise and 32 held-out prompts (tiny-shapes guidance 1.5, digits the "
+            "model's). Speed-up: wall time of the whole sample call, the faster of two runs, against the faster of two "
+            "unaccelerated runs interleaved with them. PSNR/SSIM: the 8-bit images against the unaccelerated ones "
+            "(pooled over all images, the median and the worst image). Plot: skip_peers.png (points: settings; lines: "
+            f"each method's Pareto front). Machine: {where}.\n\n{peer_table(rows)}\n"
+        )
+        peer_plot(rows, args.out / "skip_peers.png")
+        _write(args.out / "skip_peers.md", text, args.out / "skip_peers.png")
     if any(b.get("group") == "runtime-loop-overhead" for b in benchmarks):
         text = (
             "# Sampling-loop overhead: the reference loop (Python) vs the C++ loop\n\nPer step of a 20-step "

@@ -179,3 +179,8 @@ def test_adaptive_skipping_reports_the_calls_made_per_image(engine, monkeypatch)
     again = engine.sample(prompts, steps=20, seed=1, skip=GateSpec(delta=0.2, max_skips=3))
     assert again.nfe == out.nfe and torch.equal(again.latents, out.latents)  # a fresh state per call
     assert engine.sample(prompts[0], steps=20, seed=1, skip="adaptive").nfe[0] <= 20
+    with pytest.raises(ValueError, match="decides from model call 3 on .* this plan makes 3 calls, so nothing"):
+        engine.sample(prompts[0], steps=3, skip="adaptive")
+    with pytest.raises(ValueError, match="decides from model call 6 on .* this plan makes 5 calls"):
+        engine.sample(prompts[0], steps=5, skip=GateSpec(warmup=6))
+    assert engine.sample(prompts[0], steps=4, seed=1, skip="adaptive").nfe[0] <= 4  # call 3 may be skipped

@@ -16,10 +16,14 @@ needs_triton = pytest.mark.skipif(not triton_step.available(), reason=str(triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+CALLS = 3  # the synthetic program's calls, all alike; the tests run the last one (K), which may be skipped
+K = CALLS - 1
+
+
 def synthetic_program(ncols: int, seed: int = 0) -> Program:
-    """One call: row 0 writes the output's slot (g + s·x), row 1 writes the next input in place
-    over x from g and `ncols` live columns (x among them). Built directly, unverified: the op
-    does not care what the rows mean (`program.compile` makes the real ones)."""
+    """CALLS alike calls: row 0 writes the output's slot (g + s·x), row 1 writes the next input in
+    place over x from g and `ncols` live columns (x among them). Built directly, unverified: the
+    op does not care what the rows mean (`program.compile` makes the real ones)."""
     rng = np.random.default_rng(seed)
     rows = ncols + 1  # columns 0..ncols-1 live (column 0 = x), column ncols = the output's slot
     width = 8
@@ -30,30 +34,31 @@ def synthetic_program(ncols: int, seed: int = 0) -> Program:
     src[0, 1, :ncols] = order
     coef[0, 1, :ncols] = rng.uniform(-1.5, 1.5, ncols)
     return Program(
-        plan=StepPlan([999.0], [[1.0, 0.0], [0.0, 1.0]], "epsilon"),
+        plan=StepPlan([999.0, 998.0, 997.0], np.eye(CALLS + 1), "epsilon"),
         max_error=0.0,
         num_rows=rows,
         width=width,
-        dst=np.array([[ncols, 0]], np.int32),
-        src=src,
-        coef=coef,
-        gcoef=np.array([[1.0, rng.uniform(-1, 1)]]),
-        x_row=np.array([0], np.int32),
+        dst=np.tile(np.array([[ncols, 0]], np.int32), (CALLS, 1)),
+        src=np.tile(src, (CALLS, 1, 1)),
+        coef=np.tile(coef, (CALLS, 1, 1)),
+        gcoef=np.tile(np.array([[1.0, rng.uniform(-1, 1)]]), (CALLS, 1)),
+        x_row=np.zeros(CALLS, np.int32),
         init_row=0,
         init_coef=1.0,
         result_row=0,
     )
 
 
-REUSE = (1.75, -0.75)  # call 0's skip row in these tests: g = a·out[1] + b·out[0]
+REUSE = (1.75, -0.75)  # call K's skip row in these tests: g = a·out[1] + b·out[0] (K even)
 
 
 def reuse_table(dtype=torch.float32, device="cpu"):
-    return torch.tensor([REUSE], dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.tensor([REUSE] * CALLS, dtype=dtype, device=device)
 
 
 def exact_step(raw, w, basis, tables, rows, out):
-    """Call 0 of `tables` in float64 from the stored (rounded) inputs, with the float32 coefficients."""
+    """Call K of `tables` in float64 from the stored (rounded) inputs, with the float32 coefficients."""
     batch = basis.shape[1]
     b64 = basis.double()
     coef = torch.as_tensor(tables.coef).float().double()
@@ -69,13 +74,13 @@ def exact_step(raw, w, basis, tables, rows, out):
         g[b] = u if w is None else u + w[b].double() * (raw[half + r[b]].double() - u)
     want = b64.clone()
     for i in range(2):
-        d = int(tables.dst[0, i])
-        value = gcoef[0, i] * g
-        for j, s in enumerate(tables.src[0, i]):
+        d = int(tables.dst[K, i])
+        value = gcoef[K, i] * g
+        for j, s in enumerate(tables.src[K, i]):
             if s >= 0:
-                value = value + coef[0, i, j] * b64[s]
+                value = value + coef[K, i, j] * b64[s]
         want[d] = value
-    stat = (want[int(tables.dst[0, 1])] - b64[0]).abs().reshape(batch, -1).mean(1)
+    stat = (want[int(tables.dst[K, 1])] - b64[0]).abs().reshape(batch, -1).mean(1)
     return want, g, stat
 
 
@@ -118,7 +123,7 @@ def test_step_within_twice_the_reference_rounding(case, dtype, impl):
         b, o = basis.clone().to(DEVICE), None if out is None else out.clone().to(DEVICE)
         stat = torch.empty(batch, dtype=torch.float32, device=DEVICE)
         fused_step(
-            0,
+            K,
             raw.to(DEVICE),
             None if w is None else w.to(DEVICE),
             b,
@@ -138,7 +143,7 @@ def test_step_within_twice_the_reference_rounding(case, dtype, impl):
     assert ref_err <= torch.finfo(dtype).eps * scale * 4  # the reference itself rounds once
     # untouched rows stay untouched; out[0] (k % 2) receives every sample's g (skipped ones: the
     # skip row's prediction from both outputs), out[1] keeps g_{k−1}
-    written = set(tables.dst[0].tolist())
+    written = set(tables.dst[K].tolist())
     for r in range(tables.num_rows):
         if r not in written:
             assert torch.equal(got_b[r], basis[r])
@@ -147,7 +152,7 @@ def test_step_within_twice_the_reference_rounding(case, dtype, impl):
         assert (got_o[0].double() - g).abs().max().item() <= 2 * (ref_o[0].double() - g).abs().max().item() + floor
     # the statistic is over the stored (rounded) next input, summed in float32
     for stored, stat in ((ref_b, ref_s), (got_b, got_s)):
-        exact = (stored[int(tables.dst[0, 1])].double() - basis[0].double()).abs().reshape(batch, -1).mean(1)
+        exact = (stored[int(tables.dst[K, 1])].double() - basis[0].double()).abs().reshape(batch, -1).mean(1)
         assert torch.allclose(stat.double(), exact, rtol=1e-5, atol=1e-7 * scale)
     assert torch.allclose(got_s.double(), want_stat, rtol=4 * torch.finfo(dtype).eps)
 
@@ -169,20 +174,34 @@ def _basic(dtype=torch.float32):
         (lambda a: {**a, "raw": a["raw"][:4]}, "holds 2 samples"),
         (lambda a: {**a, "guidance": a["guidance"][:2]}, "one w per sample"),
         (lambda a: {**a, "rows": torch.tensor([0, -1, 1], dtype=torch.int32), "raw": a["raw"][:4]}, "pass out="),
-        (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7, dtype=torch.bfloat16), "reuse": reuse_table()}, "out is bfloat16"),
+        (
+            lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7, dtype=torch.bfloat16), "reuse": reuse_table()},
+            "out is bfloat16",
+        ),
         (lambda a: {**a, "out": torch.zeros(3, 3, 5, 7)}, r"out must be a \[2, batch, \.\.\.\] buffer"),
+        (
+            lambda a: {
+                **a,
+                "rows": torch.tensor([0, -1, 1], dtype=torch.int32),
+                "raw": a["raw"][:4],
+                "out": torch.zeros(2, 3, 3, 5, 7),
+                "reuse": reuse_table(),
+                "k": 1,
+            },
+            "call 1 cannot be skipped: a skipped call's output is predicted from the two outputs before it",
+        ),
         (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7)}, "out= needs reuse="),
         (lambda a: {**a, "out": torch.zeros(2, 3, 3, 5, 7), "reuse": torch.zeros(2, 2)}, "out= needs reuse="),
         (lambda a: {**a, "out": torch.zeros(2, 2, 3, 5, 7), "reuse": reuse_table()}, "out must hold the batch of 3"),
         (lambda a: {**a, "basis": a["basis"][:, :, :2].contiguous()}, "model output has latent shape"),
-        (lambda a: {**a, "k": 1}, "call 1 outside the plan's 1 calls"),
+        (lambda a: {**a, "k": CALLS}, f"call {CALLS} outside the plan's {CALLS} calls"),
         (lambda a: {**a, "impl": "cuda"}, "impl must be"),
         (lambda a: {**a, "program": None}, "program must be a fastdiff.program.Program"),
     ],
 )
 def test_bad_arguments_are_named(mutate, message):
     tables, basis, raw, w = _basic()
-    args = {"k": 0, "raw": raw, "guidance": w, "basis": basis, "program": tables, "impl": "torch"}
+    args = {"k": K, "raw": raw, "guidance": w, "basis": basis, "program": tables, "impl": "torch"}
     args = mutate(args)
     before = basis.clone()
     with pytest.raises((ValueError, IndexError, TypeError), match=message):

@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, export, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, calibrate-gate, export, bench."""
 
 from __future__ import annotations
 
@@ -67,7 +67,13 @@ def cmd_sample(args) -> int:
     from .gate import GateSpec
     from .models.registry import build_engine
 
-    skip = None if args.skip_delta is None else GateSpec(delta=args.skip_delta, max_skips=args.max_skips)
+    if args.skip_delta is not None and args.skip is not None:
+        raise ValueError("give --skip adaptive or --skip-delta, not both")
+    skip = args.skip
+    if args.skip_delta is not None:
+        skip = GateSpec(
+            delta=args.skip_delta, max_skips=args.max_skips, per_sample=not args.batch_decisions, reuse=args.reuse
+        )
 
     engine = build_engine(
         args.model,
@@ -88,6 +94,7 @@ def cmd_sample(args) -> int:
         height=args.height,
         width=args.width,
         skip=skip,
+        feature_cache=args.feature_cache,
     )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +109,8 @@ def cmd_sample(args) -> int:
     calls = f"{out.unet_calls} UNet calls"
     if skip is not None:
         calls += f" of {out.plan.nfe} (per image: {', '.join(map(str, out.nfe))})"
+    if out.shallow_calls:
+        calls += f", {out.shallow_calls} of them shallow (feature cache)"
     print(f"{engine!r}: {calls} ({out.plan.metadata.get('solver', 'plan')}), seed {out.seed}; {timings}")
     if args.backend == "auto":
         print(f"backend {engine.backend}: {engine.backend_reason}")
@@ -163,6 +172,54 @@ def _print_calibration(engine_name: str, steps: int, record: dict) -> None:
             f"| {row['row']} | {row['target']} | {row['rel_residual']:.3g} | {cv} | {row['ridge']:.0e} | "
             f"{row['condition']:.2g} |"
         )
+
+
+def cmd_calibrate_gate(args) -> int:
+    from .calibration.gate import DELTAS, MAX_SKIPS, calibrate_gate
+    from .models.registry import build_engine
+
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    decisions = {"both": (False, True), "batch": (False,), "sample": (True,)}[args.decisions]
+    result = calibrate_gate(
+        engine,
+        steps=args.steps,
+        sampler=args.sampler,
+        target_psnr=args.target_psnr,
+        worst_psnr=args.worst_psnr,
+        samples=args.samples,
+        held_out=args.held_out,
+        seed=args.seed,
+        guidance_scale=args.guidance,
+        deltas=tuple(args.deltas or DELTAS),
+        max_skips=tuple(args.max_skips or MAX_SKIPS),
+        per_sample=decisions,
+        reuse=args.reuse,
+    )
+    print(result.table())
+    g, f = result.gate, result.chosen.fidelity
+    print(
+        f"\n{'chosen' if result.met else 'NOT MET, closest'}: delta={g.delta:g}, max_skips={g.max_skips}, "
+        f"{'per-image' if g.per_sample else 'per-batch'} decisions, reuse={g.reuse} ({result.message})"
+    )
+    print(
+        f"calibration ({result.prompts} prompts): {result.chosen.calls:.1f} calls/image ({result.chosen.speedup:.2f}x "
+        f"fewer, {result.chosen.unet_speedup:.2f}x less UNet time), PSNR {f['psnr']:.1f} dB pooled, "
+        f"{f['psnr_worst']:.1f} dB worst, SSIM {f['ssim']:.4f}"
+    )
+    if result.held_out is not None:
+        h, hf = result.held_out, result.held_out.fidelity
+        print(
+            f"held out ({result.held_out_prompts} prompts): {h.calls:.1f} calls/image ({h.speedup:.2f}x fewer), PSNR "
+            f"{hf['psnr']:.1f} dB pooled, {hf['psnr_worst']:.1f} dB worst, SSIM {hf['ssim']:.4f}"
+        )
+    for c in result.cliff:
+        print(
+            f"cliff ({'per-image' if c['per_sample'] else 'per-batch'}, max_skips {c['max_skips']}): "
+            f"{c['drop_db']:.1f} dB lost from delta {c['delta_before']:g} to {c['delta_after']:g}"
+        )
+    if args.out:
+        print(f"wrote {result.save(args.out)}")
+    return 0 if result.met else 1
 
 
 def cmd_calibrate(args) -> int:
@@ -335,6 +392,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-skips", type=int, default=4, help="with --skip-delta: at most this many consecutive skips (default 4)"
     )
+    p.add_argument(
+        "--skip",
+        choices=("adaptive",),
+        default=None,
+        help="adaptive: skip UNet calls with the model's calibrated gate settings for this sampler and step count "
+        "(engines/<model>/gates/, made by calibrate-gate), or the default settings where it ships none",
+    )
+    p.add_argument(
+        "--reuse",
+        choices=("extrapolate", "copy"),
+        default="extrapolate",
+        help="with --skip-delta: what a skipped call uses: extrapolate (the line through the previous two outputs "
+        "at the call's time; default) or copy (the previous output, as AdaptiveDiffusion)",
+    )
+    p.add_argument(
+        "--batch-decisions",
+        action="store_true",
+        help="with --skip-delta: one skip decision for the whole batch (from its mean statistic) instead of one per "
+        "image; keeps the batch whole, which is faster where UNet calls are overhead-bound",
+    )
+    p.add_argument(
+        "--feature-cache",
+        type=int,
+        default=None,
+        metavar="N",
+        help="of the UNet calls that run, make every N-th a full one and let the others reuse the deep features of "
+        "the last full call (DeepCache-style); eager backend; with skipping, per-batch decisions only",
+    )
     p.add_argument("--out", default="sample.png", help="PNG path; with several images -0, -1, ... are appended")
     p.add_argument(
         "--scale", type=int, default=1, help="enlarge the saved PNG by this integer factor (nearest neighbour)"
@@ -384,6 +469,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectories", default=None, help="keep teacher trajectories in this directory (resumable)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch (default 16)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "calibrate-gate",
+        help="choose the skip gate's settings (delta, max_skips, per-image or per-batch decisions) for a model and "
+        "plan from calibration prompts, so that held-out prompts keep a target PSNR",
+    )
+    _model_options(p)
+    p.add_argument("--steps", type=int, required=True, help="model calls of the plan the gate skips in (e.g. 50)")
+    p.add_argument("--sampler", default=None, help="the plan's sampler (default: the model's, dpmpp_2m)")
+    p.add_argument(
+        "--target-psnr",
+        type=float,
+        default=35.0,
+        help="pooled PSNR (dB, 8-bit images) the skipped runs must keep against the same runs without skipping "
+        "(default 35)",
+    )
+    p.add_argument(
+        "--worst-psnr",
+        type=float,
+        default=None,
+        help="PSNR floor for the worst single image (default: target - 10 dB)",
+    )
+    p.add_argument("--samples", type=int, default=16, help="calibration prompts from the model's grammar (default 16)")
+    p.add_argument("--held-out", type=int, default=16, help="held-out prompts that check the choice (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise and the prompts (default 0)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--deltas", type=float, nargs="+", default=None, help="the delta grid (default 0.002 0.005 ... 0.2)")
+    p.add_argument("--max-skips", type=int, nargs="+", default=None, help="the max_skips grid (default 1 2 3 4 6)")
+    p.add_argument(
+        "--decisions",
+        choices=("both", "batch", "sample"),
+        default="both",
+        help="per-batch or per-image skip decisions, or try both (default)",
+    )
+    p.add_argument(
+        "--reuse",
+        choices=("extrapolate", "copy"),
+        default="extrapolate",
+        help="what a skipped call uses (default extrapolate)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the settings and measurements (JSON) here; engines/<model>/gates/<sampler>-<steps>.json makes "
+        "them what `--skip adaptive` uses",
+    )
+    p.set_defaults(func=cmd_calibrate_gate)
 
     p = sub.add_parser(
         "export",

@@ -52,6 +52,7 @@ class SampleOutput:
     notes: list[str] = field(default_factory=list)
     unet_calls: int = 0  # batched UNet invocations (a compacted batch counts once)
     skipped: list[list[int]] = field(default_factory=list)  # per sample, the calls the gate skipped
+    shallow_calls: int = 0  # of unet_calls, those that reused the deep features (feature_cache)
 
 
 @dataclass
@@ -160,6 +161,7 @@ class Engine:
         self.random_weights = random_weights
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
         self._plans: dict[tuple[str, int], StepPlan] = {}
+        self._feature_cache = None  # FeatureCache, made on first use
         self._notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
         self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
         self.loop = loops.create(loop, device=self.device, dtype=dtype, graphs=self.runner.graphs)
@@ -220,6 +222,25 @@ class Engine:
         plan = StepPlan.load(path)
         plan.check_schedule(self.schedule)
         return plan
+
+    @property
+    def gates_dir(self) -> Path | None:
+        """Where the model's calibrated gate settings live (gates/ next to plans/)."""
+        return None if self.plans_dir is None else self.plans_dir.parent / "gates"
+
+    def gate_for(self, sampler: str, steps: int) -> GateSpec | None:
+        """The calibrated gate settings shipped for (sampler, steps), gates/<sampler>-<steps>.json
+        (`fastdiff calibrate-gate`), or None when there are none or they were calibrated for
+        another plan than this engine makes for (sampler, steps)."""
+        from ..calibration.gate import GateCalibration
+
+        path = None if self.gates_dir is None else self.gates_dir / f"{sampler}-{steps}.json"
+        if path is None or not path.is_file():
+            return None
+        settings = GateCalibration.load(path)
+        if settings.plan_hash != self.plan_for(sampler, steps).hash():
+            return None
+        return settings.gate
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
         f = self.decoder.factor
@@ -317,20 +338,27 @@ class Engine:
         plan: StepPlan | str | Path | None = None,
         callback=None,
         skip: str | GateSpec | None = None,
+        feature_cache: int | None = None,
     ) -> SampleOutput:
         """Sample images. A list of prompts is one batch; each prompt gets num_images images.
 
         guidance_scale defaults to the model's; plan (a StepPlan or a plan file) overrides
-        sampler/steps. skip: "adaptive" (GateSpec() defaults) or a GateSpec: skip UNet calls where
-        the latent trajectory is locally smooth (AdaptiveDiffusion), reusing the previous output;
-        ``out.nfe`` then tells the calls made per sample. callback(k, t, x) sees each next model
-        input. The initial noise is drawn like diffusers does (CPU generator seeded with `seed`,
+        sampler/steps. skip: "adaptive" or a GateSpec: skip UNet calls where the latent trajectory
+        is locally smooth (AdaptiveDiffusion), predicting the skipped outputs from the previous
+        two; "adaptive" uses the model's calibrated settings for (sampler, steps) when it ships
+        them (`gate_for`), else GateSpec()'s defaults. ``out.nfe`` then tells the calls made per
+        sample. callback(k, t, x) sees each next model
+        input. feature_cache: an interval N; of the UNet calls that run, every N-th is full and the
+        others reuse the deep features of the last full one (DeepCache-style,
+        `fastdiff.engines.feature_cache`; eager backend, per-batch gate decisions only). The
+        initial noise is drawn like diffusers does (CPU generator seeded with `seed`,
         in the model's dtype), so a diffusers pipeline with a PlanScheduler reproduces the images.
         """
         start = time.perf_counter()
         request = self._request(
             prompt, steps, guidance_scale, negative_prompt, seed, num_images, height, width, sampler, plan, skip
         )
+        interval = self._check_feature_cache(feature_cache, request.gate)
         notes: list[str] = []
         try:
             self.runner.guard(*self._modules())
@@ -342,7 +370,8 @@ class Engine:
             x_T = self.initial_noise(
                 len(request.prompts), seed=request.seed, height=request.height, width=request.width
             )
-            result = self._denoise(request, denoiser, x_T, callback, notes)
+            shallow = [0]
+            result = self._denoise(request, denoiser, x_T, callback, notes, interval, shallow)
             self._sync()
             denoised = time.perf_counter()
             images = self._decode(result.latents, notes)
@@ -361,6 +390,7 @@ class Engine:
             nfe=result.nfe,
             unet_calls=result.unet_calls,
             skipped=result.skipped,
+            shallow_calls=shallow[0],
             timings={**timings, "total": done - start},
             prompts=request.prompts,
             seed=request.seed,
@@ -383,11 +413,20 @@ class Engine:
         height, width = self._size(height, width)
         if isinstance(plan, (str, Path)):
             plan = StepPlan.load(plan)
+        gate = GateSpec.from_skip(skip)
         if plan is None:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
                 raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
             plan = self.plan_for(sampler or self.sampler, steps)
+            if skip == "adaptive":
+                gate = self.gate_for(sampler or self.sampler, steps) or gate
         plan.check_schedule(self.schedule)
+        if gate is not None and not gate.active(plan.num_calls - 1):
+            first = max(3, gate.warmup)
+            raise ValueError(
+                f"skip={skip!r}: the gate decides from model call {first} on (warm-up), and this plan makes "
+                f"{plan.num_calls} calls, so nothing could be skipped; use more steps or skip=None"
+            )
         negatives = None
         if negative_prompt is not None:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -402,18 +441,51 @@ class Engine:
             height=height,
             width=width,
             plan=plan,
-            gate=GateSpec.from_skip(skip),
+            gate=gate,
         )
 
-    def _denoise(self, request: _Request, denoiser: GuidedDenoiser, x_T, callback, notes: list) -> LoopResult:
+    def _check_feature_cache(self, interval, gate: GateSpec | None) -> int | None:
+        """The feature-cache interval of a request (None or 1: off), or ValueError naming why not."""
+        if interval is None:
+            return None
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"feature_cache must be an integer interval >= 1 or None, got {interval!r}")
+        if interval == 1:
+            return None
+        if self.backend != "eager":
+            raise ValueError(
+                f"feature_cache needs backend='eager': the {self.backend} backend runs a captured or compiled UNet "
+                "that cannot switch between the full and the shallow path per call"
+            )
+        if gate is not None and gate.per_sample:
+            raise ValueError(
+                "feature_cache with skipping needs per-batch gate decisions (GateSpec(per_sample=False)): per-sample "
+                "decisions change the batch from call to call, and the cached features belong to the whole batch"
+            )
+        return interval
+
+    def _denoise(self, request: _Request, denoiser, x_T, callback, notes: list, interval, shallow) -> LoopResult:
         """The loop on the plan's Program; a float16 UNet whose latents come out NaN/inf moves to
-        bfloat16 (float32 without it) and runs again."""
+        bfloat16 (float32 without it) and runs again. interval: the feature cache's (None: off);
+        shallow[0] receives its shallow calls."""
         program = compile_program(request.plan)
 
-        def run() -> LoopResult:
+        def loop() -> LoopResult:
             return self.loop.run(
                 program, denoiser, x_T, guidance=denoiser.guidance, gate=request.gate, callback=callback
             )
+
+        def run() -> LoopResult:
+            if interval is None:
+                return loop()
+            if self._feature_cache is None:
+                from .feature_cache import FeatureCache
+
+                self._feature_cache = FeatureCache(self.unet)
+            with self._feature_cache.session(interval) as session:
+                result = loop()
+            shallow[0] = session.calls - session.full
+            return result
 
         result = run()
         if not _finite(result.latents) and self._unet_call.dtype == torch.float16:

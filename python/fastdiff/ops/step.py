@@ -79,6 +79,11 @@ def _check(k, raw, guidance, basis, program, rows, out, stat, reuse=None):
             raise ValueError(f"fused_step: rows must be int32 [{batch}] on {basis.device}")
         if out is None:
             raise ValueError("fused_step: skipped samples (rows = -1) read the previous outputs: pass out=")
+        if k < 2 and bool((rows < 0).any()):  # a host read, but only for calls 0 and 1
+            raise ValueError(
+                f"fused_step: call {k} cannot be skipped: a skipped call's output is predicted from the two outputs "
+                "before it (out[(k+1) % 2], out[k % 2]), and call 0 and call 1 do not have two"
+            )
     if out is not None:
         if out.shape[1] != batch:
             raise ValueError(f"fused_step: out must hold the batch of {batch}, got {out.shape[1]}")
