@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         text = (
             "# Step skipping vs the caching peers, side by side\n\nbench/test_skip_peers.py: every method on the same "
             "engine, DPM-Solver++(2M), steps, noise and 32 held-out prompts (tiny-shapes guidance 1.5, digits the "
-            "model's). Speed-up: wall time of the whole sample call, the faster of two runs, against the faster of two "
-            "unaccelerated runs interleaved with them. PSNR/SSIM: the 8-bit images against the unaccelerated ones "
+            "model's). Speed-up: wall time of the whole sample call, the median of three runs, against the median of "
+            "three unaccelerated runs interleaved with them. PSNR/SSIM: the 8-bit images against the unaccelerated ones "
             "(pooled over all images, the median and the worst image). Plot: skip_peers.png (points: settings; lines: "
             f"each method's Pareto front). Machine: {where}.\n\n{peer_table(rows)}\n"
         )
