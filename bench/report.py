@@ -485,10 +485,10 @@ def main(argv: list[str] | None = None) -> int:
         text = (
             "# Step skipping vs the caching peers, side by side\n\nbench/test_skip_peers.py: every method on the same "
             "engine, DPM-Solver++(2M), steps, noise and 32 held-out prompts (tiny-shapes guidance 1.5, digits the "
-            "model's). Speed-up: wall time of the whole sample call, the median of three runs, against the median of "
-            "three unaccelerated runs interleaved with them. PSNR/SSIM: the 8-bit images against the unaccelerated ones "
-            "(pooled over all images, the median and the worst image). Plot: skip_peers.png (points: settings; lines: "
-            f"each method's Pareto front). Machine: {where}.\n\n{peer_table(rows)}\n"
+            "model's). Speed-up: wall time of the whole sample call, the median of three runs, against the median "
+            "of three unaccelerated runs interleaved with them. PSNR/SSIM: the 8-bit images against the "
+            "unaccelerated ones (pooled over all images, the median and the worst image). Plot: skip_peers.png "
+            f"(points: settings; lines: each method's Pareto front). Machine: {where}.\n\n{peer_table(rows)}\n"
         )
         peer_plot(rows, args.out / "skip_peers.png")
         _write(args.out / "skip_peers.md", text, args.out / "skip_peers.png")

@@ -14,7 +14,7 @@ times; speed-up = the median reference / the median method run: the shared 2-cor
 timings move by up to 1.5x between two runs of the same call, and a median of three shrugs off
 one such run in either column), UNet calls (mean
 per image, and invocations), fidelity to the unaccelerated images (PSNR pooled, median, worst;
-SSIM mean and worst: fastdiff.testing.fidelity), adherence (tiny-shapes: shapes_score; digits:
+SSIM mean and worst: fastdiff.calibration.fidelity), adherence (tiny-shapes: shapes_score; digits:
 classifier accuracy) with and without acceleration. bench/report.py draws the Pareto plot.
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 import pytest
 from peers import deepcache_available, method
 
+from fastdiff.calibration.fidelity import fidelity
 from fastdiff.gate import GateSpec
 from fastdiff.models.registry import calibration_prompts
 from fastdiff.testing import digits_accuracy, shapes_score
-from fastdiff.testing.fidelity import fidelity
 
 ROUNDS = 3  # of the method, each after one run of the reference
 PROMPTS = int(os.environ.get("SKIP_PEERS_PROMPTS", "32"))  # fewer: a quick check of the suite (tests/)

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from fastdiff.calibration.fidelity import PSNR_CAP, fidelity, psnr, ssim, to_pixels
 from fastdiff.calibration.gate import GateCalibration, GateCalibrationError, GateTrial, _cliffs, calibrate_gate, choose
-from fastdiff.gate import GateSpec
-from fastdiff.testing.fidelity import PSNR_CAP, fidelity, psnr, ssim, to_pixels
+from fastdiff.gate import GateSettingsError, GateSpec
 
 
 # ---------------------------------------------------------------- choosing from a grid
@@ -114,15 +114,15 @@ def test_settings_files_round_trip_and_corrupt_ones_are_named(calibrated, tmp_pa
     again = GateCalibration.load(path)
     assert again.gate == calibrated.gate and again.to_dict() == calibrated.to_dict()
     path.write_text(path.read_text()[:100])
-    with pytest.raises(GateCalibrationError, match=f"{path}: cannot read gate settings"):
+    with pytest.raises(GateSettingsError, match=f"{path}: cannot read gate settings"):
         GateCalibration.load(path)
     path.write_text(json.dumps({"schema": "fastdiff.plan/1"}))
-    with pytest.raises(GateCalibrationError, match="not a gate settings file: schema 'fastdiff.plan/1'"):
+    with pytest.raises(GateSettingsError, match="not a gate settings file: schema 'fastdiff.plan/1'"):
         GateCalibration.load(path)
     doc = calibrated.to_dict()
     doc["gate"]["delta"] = -1
     path.write_text(json.dumps(doc))
-    with pytest.raises(GateCalibrationError, match="corrupt gate settings: ValueError: GateSpec: delta must be"):
+    with pytest.raises(GateSettingsError, match="corrupt gate settings: ValueError: GateSpec: delta must be"):
         GateCalibration.load(path)
 
 
@@ -144,6 +144,9 @@ def test_skip_adaptive_uses_the_settings_shipped_for_the_plan(engine, calibrated
         tmp_path / "gates" / "dpmpp_2m-10.json"
     )
     assert engine.gate_for("dpmpp_2m", 10) is None
+    (tmp_path / "gates" / "dpmpp_2m-10.json").write_text("{")  # a corrupt shipped file is named, not ignored
+    with pytest.raises(GateSettingsError, match="dpmpp_2m-10.json: cannot read gate settings"):
+        engine.sample(prompts, steps=10, seed=0, skip="adaptive")
 
 
 @pytest.mark.parametrize(

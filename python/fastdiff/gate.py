@@ -92,3 +92,30 @@ class GateSpec:
             third = (d - 2 * d1 + d2).abs()
             skip = (third <= 2 * self.delta * d1) & (run < self.max_skips)
         return skip, d, d1, torch.where(skip, run + 1, torch.zeros_like(run))
+
+
+SETTINGS_SCHEMA = "fastdiff.gate/1"  # gate settings files (fastdiff.calibration.gate writes them)
+
+
+class GateSettingsError(ValueError):
+    """A gate settings file that cannot be read: not JSON, another schema, corrupt settings."""
+
+
+def read_settings(path) -> tuple[dict, GateSpec]:
+    """A gate settings file (`fastdiff calibrate-gate --out`): its JSON document and the GateSpec
+    it chose; GateSettingsError names the file and what is wrong."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GateSettingsError(f"{path}: cannot read gate settings: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != SETTINGS_SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise GateSettingsError(f"{path}: not a gate settings file: schema {found!r}, expected {SETTINGS_SCHEMA!r}")
+    try:
+        return doc, GateSpec(**doc["gate"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise GateSettingsError(f"{path}: corrupt gate settings: {type(exc).__name__}: {exc}") from None

@@ -5,7 +5,7 @@ calibration prompts so that held-out prompts keep a target fidelity.
 skipping (the reference) and once per setting of a grid (delta × max_skips × per-sample or
 per-batch decisions), measures the mean UNet calls per image, the UNet time and the fidelity of
 the 8-bit images to the reference (pooled, median and worst-image PSNR, SSIM:
-`fastdiff.testing.fidelity`), and keeps the fastest setting that meets both the pooled target and
+`fastdiff.calibration.fidelity`), and keeps the fastest setting that meets both the pooled target and
 a floor for the worst image. Fastest in UNet time, not in calls, because per-sample decisions
 split the batch into smaller UNet calls that cost nearly as much as whole ones where calls are
 overhead-bound (small models, the CPU). The UNet time of a run is modelled, not clocked, so the
@@ -37,16 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..gate import GateSpec
-from ..testing.fidelity import fidelity
+from ..gate import SETTINGS_SCHEMA as SCHEMA
+from ..gate import GateSettingsError, GateSpec, read_settings
+from .fidelity import fidelity
 
-SCHEMA = "fastdiff.gate/1"
 DELTAS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
 MAX_SKIPS = (1, 2, 3, 4, 6)
 WORST_MARGIN_DB = 10.0  # default worst-image floor: target − this
 
 
-class GateCalibrationError(ValueError):
+class GateCalibrationError(GateSettingsError):
     """Unusable calibration settings or a corrupt gate settings file."""
 
 
@@ -57,7 +57,7 @@ class GateTrial:
     gate: GateSpec
     calls: float  # mean UNet calls per image
     speedup: float  # steps / calls
-    fidelity: dict  # fastdiff.testing.fidelity.fidelity
+    fidelity: dict  # fastdiff.calibration.fidelity.fidelity
     seconds: float  # wall time of the sample call (clocked: depends on the machine's load)
     unet_speedup: float  # modelled UNet time of the run without skipping / of this run
 
@@ -104,9 +104,7 @@ class GateCalibration:
 
     @classmethod
     def from_dict(cls, doc) -> GateCalibration:
-        if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-            found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-            raise GateCalibrationError(f"not a gate settings file: schema {found!r}, expected {SCHEMA!r}")
+        """The calibration of a settings document (ValueError-derived errors as `load`'s)."""
         try:
             fields = {k: v for k, v in doc.items() if k != "schema"}
             fields["gate"] = GateSpec(**fields["gate"])
@@ -128,11 +126,9 @@ class GateCalibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GateCalibration:
-        path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise GateCalibrationError(f"{path}: cannot read gate settings: {exc}") from None
+        """A settings file with everything measured; `fastdiff.gate.read_settings` reads only the
+        chosen GateSpec (what the engine needs). GateSettingsError names the file and the fault."""
+        doc, _ = read_settings(path)
         try:
             return cls.from_dict(doc)
         except GateCalibrationError as exc:

@@ -232,15 +232,15 @@ class Engine:
         """The calibrated gate settings shipped for (sampler, steps), gates/<sampler>-<steps>.json
         (`fastdiff calibrate-gate`), or None when there are none or they were calibrated for
         another plan than this engine makes for (sampler, steps)."""
-        from ..calibration.gate import GateCalibration
+        from ..gate import read_settings
 
         path = None if self.gates_dir is None else self.gates_dir / f"{sampler}-{steps}.json"
         if path is None or not path.is_file():
             return None
-        settings = GateCalibration.load(path)
-        if settings.plan_hash != self.plan_for(sampler, steps).hash():
+        doc, gate = read_settings(path)
+        if doc.get("plan_hash") != self.plan_for(sampler, steps).hash():
             return None
-        return settings.gate
+        return gate
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
         f = self.decoder.factor
