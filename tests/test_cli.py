@@ -113,6 +113,22 @@ def test_sample_with_skipping_prints_the_calls_per_image(untrained_shapes_dir, t
     assert re.search(r"\d+ UNet calls of 12 \(per image: \d+, \d+\)", printed), printed
 
 
+def test_sample_with_the_calibrated_gate_and_the_feature_cache(tmp_path, capsys):
+    base = ["sample", "a green square", "--device", "cpu", "--steps", "20", "--seed", "2", "--num-images", "2"]
+    base += ["--out", str(tmp_path / "s.png")]
+    assert main(base + ["--skip", "adaptive"]) == 0  # tiny-shapes ships settings for dpmpp_2m at 20 steps
+    printed = capsys.readouterr().out
+    calls = re.search(r"(\d+) UNet calls of 20 \(per image: \1, \1\)", printed)  # per-batch decisions
+    assert calls and int(calls.group(1)) < 20, printed
+    assert main(base + ["--skip-delta", "0.5", "--batch-decisions", "--reuse", "copy", "--feature-cache", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"(\d+) UNet calls of 20 \(per image: (\d+), \2\), (\d+) of them shallow", printed), printed
+    assert main(base + ["--skip", "adaptive", "--skip-delta", "0.1"]) == 2
+    assert "give --skip adaptive or --skip-delta, not both" in capsys.readouterr().err
+    assert main(base + ["--skip-delta", "0.1", "--feature-cache", "2"]) == 2
+    assert "feature_cache with skipping needs per-batch gate decisions" in capsys.readouterr().err
+
+
 def test_sample_errors_exit_with_code_2(untrained_shapes_dir, tmp_path, capsys):
     base = [
         "sample",
