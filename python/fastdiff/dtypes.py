@@ -21,3 +21,11 @@ def parse_dtype(dtype):
     if dtype not in tuple(getattr(torch, n) for n in NAMES):
         raise ValueError(f"unsupported dtype {dtype}: expected one of {', '.join(NAMES)}")
     return dtype
+
+
+def compute_dtype(dtype):
+    """The dtype the loops compute in for latents of `dtype` (coefficient tables, guidance weights,
+    the fused step's arithmetic): float64 for float64 latents, float32 for every other."""
+    import torch
+
+    return torch.float64 if dtype == torch.float64 else torch.float32

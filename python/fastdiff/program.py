@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .dtypes import compute_dtype
 from .gate import REUSE_MODES
 from .plan import PlanError, StepPlan
 
@@ -161,7 +162,7 @@ class Program:
         import torch
 
         device = torch.device(device)
-        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        coef_dtype = compute_dtype(dtype)
         key = (str(device), coef_dtype, mode)
         cached = self._on_device.get(key)
         if cached is None:
@@ -175,7 +176,7 @@ class Program:
         import torch
 
         device = torch.device(device)
-        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        coef_dtype = compute_dtype(dtype)
         key = (str(device), coef_dtype)
         cached = self._on_device.get(key)
         if cached is None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..dtypes import dtype_name
+from ..dtypes import compute_dtype, dtype_name
 from ..gate import GateSpec
 from ..program import Program
 
@@ -61,7 +61,7 @@ def guidance_weights(guidance, x_T: torch.Tensor) -> torch.Tensor | None:
     the graph's static input)."""
     if guidance is None:
         return None
-    dtype = torch.float64 if x_T.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(x_T.dtype)
     if isinstance(guidance, torch.Tensor) and guidance.device == x_T.device:
         w = guidance.to(dtype).reshape(-1)
     else:

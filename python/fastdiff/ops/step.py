@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import dtype_name
+from ..dtypes import compute_dtype, dtype_name
 from ..program import Program
 
 
@@ -87,7 +87,7 @@ def _check(k, raw, guidance, basis, program, rows, out, stat, reuse=None):
     if out is not None:
         if out.shape[1] != batch:
             raise ValueError(f"fused_step: out must hold the batch of {batch}, got {out.shape[1]}")
-        coef_dtype = torch.float64 if basis.dtype == torch.float64 else torch.float32
+        coef_dtype = compute_dtype(basis.dtype)
         if (
             not isinstance(reuse, torch.Tensor)
             or reuse.shape != (program.num_steps, 2)
@@ -105,14 +105,10 @@ def _check(k, raw, guidance, basis, program, rows, out, stat, reuse=None):
     return batch, computed
 
 
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def guide(u: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance g = u + w·(c − u), one weight per sample (row), computed as the
     fused step computes it: float32 (float64 for float64 outputs), one rounding per operation."""
-    acc = _accumulator(u.dtype)
+    acc = compute_dtype(u.dtype)
     u = u.to(acc)
     return u + w.to(acc).reshape(-1, *[1] * (u.dim() - 1)) * (c.to(acc) - u)
 
@@ -121,7 +117,7 @@ def fused_step_reference(k, raw, guidance, basis, program, rows=None, out=None, 
     """The torch reference of `fused_step` (same arguments); it reads `rows` on the host (a
     sync) when some samples skip, and never otherwise."""
     batch = basis.shape[1]
-    acc = _accumulator(basis.dtype)
+    acc = compute_dtype(basis.dtype)
     if rows is None:
         index = torch.arange(batch, device=basis.device)
         source = index

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..dtypes import compute_dtype
 from ..plan import StepPlan
 from ..program import Program
 from . import triton_step
@@ -163,8 +164,7 @@ def fused_step_launch(dtype, width, *, guided, rows, out, stat, batch, computed,
     guidance = _meta((batch,), torch.float32, aligned) if guided else None
     rows_ = _meta((batch,), torch.int32, aligned) if rows else None
     out_ = _meta((2, batch, *latent), dtype, aligned) if out else None
-    coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    reuse = _meta((program.num_steps, 2), coef_dtype, aligned) if out else None
+    reuse = _meta((program.num_steps, 2), compute_dtype(dtype), aligned) if out else None
     partials = _meta((batch, triton_step.num_blocks(basis)), torch.float32, aligned) if stat else None
     return step_launch(k, raw, guidance, basis, program, rows=rows_, out=out_, partials=partials, reuse=reuse)
 
