@@ -75,9 +75,14 @@ class GateSpec:
         """The settings by name, as the C++ runtime's GateOptions holds them."""
         return asdict(self)
 
+    @property
+    def first_call(self) -> int:
+        """The first model call (0-based) the rule may skip: never before call 3, nor the warm-up."""
+        return max(MIN_ACTIVE_CALL, self.warmup)
+
     def active(self, call: int) -> bool:
         """Whether the rule may skip model call `call` (0-based); earlier calls always run."""
-        return call >= max(MIN_ACTIVE_CALL, self.warmup)
+        return call >= self.first_call
 
     def decide(self, call: int, d, d1, d2, run):
         """The torch reference of the rule for model call `call`, from its statistic d = d_k

@@ -259,10 +259,11 @@ def calibrate_gate(
     worst = target_psnr - WORST_MARGIN_DB if worst_psnr is None else float(worst_psnr)
     sampler = sampler or engine.sampler
     plan = engine.plan_for(sampler, steps)
-    if plan.num_calls <= max(3, warmup):
+    first = GateSpec(warmup=warmup).first_call
+    if plan.num_calls <= first:
         raise GateCalibrationError(
             f"{sampler} at {steps} steps makes {plan.num_calls} model calls: the gate decides from call "
-            f"{max(3, warmup)} on (warm-up), so there is nothing to skip; use more steps"
+            f"{first} on (warm-up), so there is nothing to skip; use more steps"
         )
     guidance = engine.guidance_scale if guidance_scale is None else float(guidance_scale)
     if prompts is None:

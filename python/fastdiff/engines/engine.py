@@ -422,9 +422,8 @@ class Engine:
                 gate = self.gate_for(sampler or self.sampler, steps) or gate
         plan.check_schedule(self.schedule)
         if gate is not None and not gate.active(plan.num_calls - 1):
-            first = max(3, gate.warmup)
             raise ValueError(
-                f"skip={skip!r}: the gate decides from model call {first} on (warm-up), and this plan makes "
+                f"skip={skip!r}: the gate decides from model call {gate.first_call} on (warm-up), and this plan makes "
                 f"{plan.num_calls} calls, so nothing could be skipped; use more steps or skip=None"
             )
         negatives = None
