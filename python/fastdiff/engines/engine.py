@@ -162,6 +162,7 @@ class Engine:
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
         self._plans: dict[tuple[str, int], StepPlan] = {}
         self._feature_cache = None  # FeatureCache, made on first use
+        self._gates: dict[tuple[str, int], tuple] = {}  # (sampler, steps) -> (file stamp, gate_for's answer)
         self._notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
         self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
         self.loop = loops.create(loop, device=self.device, dtype=dtype, graphs=self.runner.graphs)
@@ -231,15 +232,22 @@ class Engine:
     def gate_for(self, sampler: str, steps: int) -> GateSpec | None:
         """The calibrated gate settings shipped for (sampler, steps), gates/<sampler>-<steps>.json
         (`fastdiff calibrate-gate`), or None when there are none or they were calibrated for
-        another plan than this engine makes for (sampler, steps)."""
+        another plan than this engine makes for (sampler, steps). A file is read once and again
+        only when it changes (skip="adaptive" asks on every sample call)."""
         from ..gate import read_settings
 
         path = None if self.gates_dir is None else self.gates_dir / f"{sampler}-{steps}.json"
         if path is None or not path.is_file():
             return None
+        stat = path.stat()
+        stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+        cached = self._gates.get((sampler, steps))
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         doc, gate = read_settings(path)
         if doc.get("plan_hash") != self.plan_for(sampler, steps).hash():
-            return None
+            gate = None
+        self._gates[sampler, steps] = (stamp, gate)
         return gate
 
     def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
