@@ -310,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import loops, solvers
     from .engines.backends import CHOICES as BACKENDS
     from .engines.engine import CALIBRATED
+    from .gate import REUSE_MODES
 
     parser = argparse.ArgumentParser(
         prog="fastdiff",
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reuse",
-        choices=("extrapolate", "copy"),
+        choices=REUSE_MODES,
         default="extrapolate",
         help="with --skip-delta: what a skipped call uses: extrapolate (the line through the previous two outputs "
         "at the call's time; default) or copy (the previous output, as AdaptiveDiffusion)",
@@ -505,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--reuse",
-        choices=("extrapolate", "copy"),
+        choices=REUSE_MODES,
         default="extrapolate",
         help="what a skipped call uses (default extrapolate)",
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -378,8 +379,7 @@ class Engine:
             x_T = self.initial_noise(
                 len(request.prompts), seed=request.seed, height=request.height, width=request.width
             )
-            shallow = [0]
-            result = self._denoise(request, denoiser, x_T, callback, notes, interval, shallow)
+            result, shallow = self._denoise(request, denoiser, x_T, callback, notes, interval)
             self._sync()
             denoised = time.perf_counter()
             images = self._decode(result.latents, notes)
@@ -398,7 +398,7 @@ class Engine:
             nfe=result.nfe,
             unet_calls=result.unet_calls,
             skipped=result.skipped,
-            shallow_calls=shallow[0],
+            shallow_calls=shallow,
             timings={**timings, "total": done - start},
             prompts=request.prompts,
             seed=request.seed,
@@ -471,39 +471,33 @@ class Engine:
             )
         return interval
 
-    def _denoise(self, request: _Request, denoiser, x_T, callback, notes: list, interval, shallow) -> LoopResult:
-        """The loop on the plan's Program; a float16 UNet whose latents come out NaN/inf moves to
-        bfloat16 (float32 without it) and runs again. interval: the feature cache's (None: off);
-        shallow[0] receives its shallow calls."""
+    def _denoise(self, request: _Request, denoiser, x_T, callback, notes: list, interval) -> tuple[LoopResult, int]:
+        """The loop on the plan's Program, and how many of its UNet calls were shallow (the feature
+        cache's, with `interval`; None: off); a float16 UNet whose latents come out NaN/inf moves
+        to bfloat16 (float32 without it) and runs again."""
         program = compile_program(request.plan)
+        if interval is not None and self._feature_cache is None:
+            from .feature_cache import FeatureCache
 
-        def loop() -> LoopResult:
-            return self.loop.run(
-                program, denoiser, x_T, guidance=denoiser.guidance, gate=request.gate, callback=callback
-            )
+            self._feature_cache = FeatureCache(self.unet)
 
-        def run() -> LoopResult:
-            if interval is None:
-                return loop()
-            if self._feature_cache is None:
-                from .feature_cache import FeatureCache
+        def run() -> tuple[LoopResult, int]:
+            with nullcontext() if interval is None else self._feature_cache.session(interval) as session:
+                result = self.loop.run(
+                    program, denoiser, x_T, guidance=denoiser.guidance, gate=request.gate, callback=callback
+                )
+            return result, 0 if session is None else session.calls - session.full
 
-                self._feature_cache = FeatureCache(self.unet)
-            with self._feature_cache.session(interval) as session:
-                result = loop()
-            shallow[0] = session.calls - session.full
-            return result
-
-        result = run()
+        result, shallow = run()
         if not _finite(result.latents) and self._unet_call.dtype == torch.float16:
             notes.append(self._fall_back(self.unet, self._unet_call, _fallback_dtype(self.device)))
-            result = run()
+            result, shallow = run()
         if not _finite(result.latents):
             raise NonFiniteError(
                 f"sampling produced NaN/inf latents with {self.name} (UNet in {dtype_name(self._unet_call.dtype)}): "
                 "check the model weights and the plan"
             )
-        return result
+        return result, shallow
 
     def _decode(self, latents: torch.Tensor, notes: list) -> torch.Tensor:
         """Images in [-1, 1]; a float16 VAE whose images overflow moves to float32 (diffusers'
