@@ -83,7 +83,7 @@ def extrapolation_rows(times) -> np.ndarray:
     call j used, itself predicted if j was skipped): the line through the two previous outputs,
     evaluated at t_k, i.e. a = 1 + r, b = −r with r = (t_k − t_{k−1}) / (t_{k−1} − t_{k−2}).
     Rows 0 and 1, and calls whose two previous times coincide (a solver's repeated evaluation
-    time), repeat the last output: (1, 0). The C++ twin is fastdiff::extrapolation_rows."""
+    time), repeat the last output: (1, 0). The C++ twin is fastdiff::reuse_rows (sampler.cpp)."""
     t = np.asarray(times, dtype=np.float64)
     rows = np.zeros((t.shape[0], 2))
     rows[:, 0] = 1.0
