@@ -144,7 +144,7 @@ def bench_one(shape, dtype_name, device, reps, impl_fast):
 
     def fast_with_gate():
         fast()
-        gate_decide(partials, n, d1, d2, run, flags, active=True, delta=0.01, max_skips=4)
+        gate_decide(partials, n, d1, d2, run, flags, active=True, delta=0.01, max_skips=4, refresh=2)
 
     row["launches_fused"] = count_launches(fast, device)
     row["launches_fused_with_gate"] = count_launches(fast_with_gate, device)

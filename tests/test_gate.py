@@ -39,9 +39,13 @@ def decisions(gate: GateSpec, trajectory) -> torch.Tensor:
 def test_a_straight_trajectory_is_skipped_after_warm_up_up_to_the_cap():
     v = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(0))
     straight = [k * v for k in range(12)]  # d_k constant: third difference 0
-    flags = decisions(GateSpec(delta=0.01, max_skips=2, warmup=3), straight)[0].tolist()
+    flags = decisions(GateSpec(delta=0.01, max_skips=2, warmup=3, reuse="copy"), straight)[0].tolist()
     # calls 0-2 warm up; then at most 2 skips in a row, each run followed by a computed call
     assert flags == [False] * 3 + [True, True, False] * 3
+    # extrapolated reuse: each run of skips follows two computed calls (GateSpec.refresh)
+    flags = decisions(GateSpec(delta=0.01, max_skips=2, warmup=3), straight)[0].tolist()
+    assert flags == [False] * 3 + [True, True, False, False] * 2 + [True]
+    assert [GateSpec(reuse=r).refresh for r in ("extrapolate", "copy")] == [2, 1]
 
 
 def test_the_rule_needs_three_steps_whatever_the_warm_up():
@@ -85,7 +89,8 @@ def test_max_skips_zero_never_skips():
 def test_decide_reads_nothing_back_and_keeps_float32_state():
     gate = GateSpec(delta=0.2)
     d = torch.full((3,), 1.0, dtype=torch.float16)
-    skip, d1, d2, run = gate.decide(4, d, torch.ones(3), torch.ones(3), torch.zeros(3, dtype=torch.int32))
+    made_two = torch.full((3,), -2, dtype=torch.int32)  # the state after two computed calls
+    skip, d1, d2, run = gate.decide(4, d, torch.ones(3), torch.ones(3), made_two)
     assert skip.dtype == torch.bool and d1.dtype == torch.float32 and run.dtype == torch.int32
     assert d1 is not d and skip.all() and run.tolist() == [1, 1, 1]
 
@@ -104,10 +109,12 @@ GATES = [
     GateSpec(delta=0.05, max_skips=4, warmup=0),
     GateSpec(delta=0.5, max_skips=1, warmup=6),
     GateSpec(delta=0.0, max_skips=3, warmup=3),
+    GateSpec(delta=0.5, max_skips=2, warmup=3, reuse="copy"),
+    GateSpec(delta=0.05, max_skips=1, warmup=0, reuse="copy"),
 ]
 
 
-@pytest.mark.parametrize("gate", GATES, ids=lambda g: f"d{g.delta}-m{g.max_skips}-w{g.warmup}")
+@pytest.mark.parametrize("gate", GATES, ids=lambda g: f"d{g.delta}-m{g.max_skips}-w{g.warmup}-{g.reuse}")
 @pytest.mark.parametrize("impl", [pytest.param("triton", marks=needs_triton), pytest.param("cpp", marks=needs_cpp)])
 def test_the_rule_is_identical_in_torch_triton_and_cpp(gate, impl):
     stats = statistics(14, 5, seed=3)
@@ -124,7 +131,7 @@ def test_the_rule_is_identical_in_torch_triton_and_cpp(gate, impl):
             flags = torch.empty(5, dtype=torch.int8, device=DEVICE)
             triton_step.gate_decide(
                 stats[k].reshape(5, 1).to(DEVICE), 1, d1, d2, run, flags,
-                active=gate.active(k + 1), delta=gate.delta, max_skips=gate.max_skips,
+                active=gate.active(k + 1), delta=gate.delta, max_skips=gate.max_skips, refresh=gate.refresh,
             )  # fmt: skip
             rows.append(flags.cpu().bool())
         got = torch.stack(rows)

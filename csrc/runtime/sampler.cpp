@@ -35,7 +35,8 @@ std::vector<char> GateState::observe(const std::vector<float>& d) {
   const float threshold_scale = static_cast<float>(2.0 * opt.delta);
   std::vector<char> skip(d.size(), 0);
   for (size_t g = 0; g < d.size(); ++g)
-    skip[g] = fd_gate_observe(d[g], d1[g], d2[g], run[g], active, threshold_scale, opt.max_skips);
+    skip[g] = fd_gate_observe(d[g], d1[g], d2[g], run[g], active, threshold_scale, opt.max_skips,
+                              fd_gate_refresh(opt.extrapolate));
   return skip;
 }
 

@@ -97,21 +97,23 @@ void check_gate(const std::string& dir) {
   req.batch = batch;
   req.sample_shape = {4, 5, 7};
   req.x_T = x.data();
-  for (bool per_sample : {true, false}) {
+  for (bool per_sample : {true, false}) for (bool extrapolate : {false, true}) {
     fastdiff::GateOptions gate;
     gate.delta = 1e3;  // skip wherever the rules allow it
     gate.max_skips = 1;
     gate.per_sample = per_sample;
+    gate.extrapolate = extrapolate;
     req.gate = &gate;
     LinearDenoiser model;
     const auto r = sampler.run(model, req);
+    // calls 0..2 are always made; then (max_skips = 1) copy: skip, make, skip; extrapolate: skip,
+    // make, make (a run of skips follows two made calls: fd_gate_refresh)
+    const std::vector<int> want = extrapolate ? std::vector<int>({3}) : std::vector<int>({3, 5});
     for (int64_t b = 0; b < batch; ++b) {
-      // calls 0..2 are always made; then skip, make, skip (max_skips = 1)
-      CHECK(r.skipped[b] == std::vector<int>({3, 5}), "sample %lld skipped %zu calls", static_cast<long long>(b),
-            r.skipped[b].size());
-      CHECK(r.nfe[b] == 4, "nfe %d", r.nfe[b]);
+      CHECK(r.skipped[b] == want, "sample %lld skipped %zu calls", static_cast<long long>(b), r.skipped[b].size());
+      CHECK(r.nfe[b] == 6 - static_cast<int>(want.size()), "nfe %d", r.nfe[b]);
     }
-    CHECK(r.unet_calls == 4, "unet_calls %d", r.unet_calls);
+    CHECK(r.unet_calls == 6 - static_cast<int>(want.size()), "unet_calls %d", r.unet_calls);
     gate.delta = 0.0;  // never skip a non-constant trajectory
     const auto none = sampler.run(model, req);
     CHECK(none.nfe == std::vector<int>(3, 6), "delta 0 skipped calls");

@@ -20,6 +20,7 @@
 #include "cuda_compat.h"
 #include "fastdiff/kernels/view.h"
 #include "fastdiff/program.h"
+#include "fastdiff/step_math.h"
 #include "launch.h"
 
 namespace fastdiff {
@@ -224,7 +225,7 @@ struct CudaRunner::Impl {
     check(launch_step(v, k, program->x_row[k], opt.batch, s), "step_kernel (call " + std::to_string(k) + ")");
     if (opt.gated && k + 1 < steps)
       check(launch_decide(v, k, opt.batch, static_cast<float>(2.0 * opt.gate.delta), opt.gate.max_skips,
-                          opt.gate.warmup, next, set_conditional, s),
+                          fd_gate_refresh(opt.gate.extrapolate), opt.gate.warmup, next, set_conditional, s),
             "decide_kernel (call " + std::to_string(k) + ")");
   }
 

@@ -23,8 +23,9 @@ cudaError_t launch_step(const kernels::View& v, int k, int x_row, int64_t batch,
 }
 
 cudaError_t launch_decide(const kernels::View& v, int k, int64_t batch, float threshold_scale, int max_skips,
-                          int warmup, cudaGraphConditionalHandle next, bool set_conditional, cudaStream_t stream) {
-  kernels::decide_kernel<<<1, 1, 0, stream>>>(v, k, batch, threshold_scale, max_skips, warmup, next,
+                          int refresh, int warmup, cudaGraphConditionalHandle next, bool set_conditional,
+                          cudaStream_t stream) {
+  kernels::decide_kernel<<<1, 1, 0, stream>>>(v, k, batch, threshold_scale, max_skips, refresh, warmup, next,
                                                set_conditional ? 1 : 0);
   return cudaGetLastError();
 }

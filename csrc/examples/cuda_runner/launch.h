@@ -22,9 +22,10 @@ cudaError_t launch_init(const kernels::View& v, const float* x_T, int init_row, 
 cudaError_t launch_step(const kernels::View& v, int k, int x_row, int64_t batch, cudaStream_t stream);
 
 // The gate's decision for call k+1, into View::skip and, when set_conditional, into `next`
-// (call k+1's conditional handle, inside one graph).
+// (call k+1's conditional handle, inside one graph). refresh: fd_gate_refresh.
 cudaError_t launch_decide(const kernels::View& v, int k, int64_t batch, float threshold_scale, int max_skips,
-                          int warmup, cudaGraphConditionalHandle next, bool set_conditional, cudaStream_t stream);
+                          int refresh, int warmup, cudaGraphConditionalHandle next, bool set_conditional,
+                          cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastdiff

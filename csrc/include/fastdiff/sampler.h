@@ -71,7 +71,7 @@ std::vector<float> reuse_rows(const std::vector<double>& times, bool extrapolate
 struct GateState {
   GateOptions opt;
   std::vector<float> d1, d2;  // d_{k-1}, d_{k-2}
-  std::vector<int> run;       // consecutive skips so far
+  std::vector<int> run;       // > 0: skips in a row; <= 0: minus the made calls in a row (fd_gate_observe)
   int call = 1;               // the model call the next statistic decides (call 0 is always made)
 
   GateState(const GateOptions& options, size_t groups);

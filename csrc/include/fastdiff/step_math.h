@@ -59,20 +59,32 @@ FASTDIFF_HD float fd_reuse(float a, float last, float b, float older) { return f
 FASTDIFF_HD bool fd_gate_active(int call, int warmup) { return call >= (warmup > 3 ? warmup : 3); }
 
 // AdaptiveDiffusion's decision for one group (fastdiff.gate.GateSpec.decide): given the
-// new statistic d and the group's history (d1 = previous, d2 = the one before, run = consecutive
-// skips so far), whether the next call is skipped; updates the history. `active` is
-// fd_gate_active for this call (false during warm-up). threshold_scale = float(2·delta).
+// new statistic d and the group's history (d1 = previous, d2 = the one before; run > 0: skips in
+// a row, run <= 0: minus the made calls in a row, at most `refresh`), whether the next call is
+// skipped; updates the history. `active` is fd_gate_active for this call (false during warm-up).
+// threshold_scale = float(2·delta). A run of skips starts only after `refresh` made calls in a
+// row (fd_gate_refresh). Spelled without std::min/max so the device can call it.
 FASTDIFF_HD bool fd_gate_observe(float d, float& d1, float& d2, int& run, bool active, float threshold_scale,
-                                 int max_skips) {
+                                 int max_skips, int refresh) {
   bool skip = false;
   if (active) {
     const float third = fabsf(fd_add(fd_sub(d, fd_mul(2.0f, d1)), d2));
-    skip = third <= fd_mul(threshold_scale, d1) && run < max_skips;
+    const bool may = run > 0 ? run < max_skips : (run <= -refresh && max_skips > 0);
+    skip = third <= fd_mul(threshold_scale, d1) && may;
   }
   d2 = d1;
   d1 = d;
-  run = skip ? run + 1 : 0;
+  if (skip) {
+    run = (run > 0 ? run : 0) + 1;
+  } else {
+    const int made = (run < 0 ? run : 0) - 1;
+    run = made < -refresh ? -refresh : made;
+  }
   return skip;
 }
+
+// GateSpec.refresh: the made calls in a row a run of skips must follow, 2 when skipped calls
+// extrapolate (each run's line then passes through two made outputs), 1 when they copy.
+FASTDIFF_HD int fd_gate_refresh(bool extrapolate) { return extrapolate ? 2 : 1; }
 
 }  // namespace fastdiff

@@ -159,6 +159,7 @@ class _Compaction:
                 active=gate.active(call),
                 delta=gate.delta,
                 max_skips=gate.max_skips,
+                refresh=gate.refresh,
             )
             flags = flags.view(torch.bool)
         else:

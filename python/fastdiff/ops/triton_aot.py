@@ -169,12 +169,12 @@ def fused_step_launch(dtype, width, *, guided, rows, out, stat, batch, computed,
     return step_launch(k, raw, guidance, basis, program, rows=rows_, out=out_, partials=partials, reuse=reuse)
 
 
-def decision_launch(nblocks, n, *, active, max_skips=4, groups=2):
+def decision_launch(nblocks, n, *, active, max_skips=4, refresh=2, groups=2):
     """`gate_launch` for meta tensors: `groups` decision groups of `nblocks` partial sums over n elements."""
     partials = torch.empty(groups, nblocks, dtype=torch.float32, device="meta")
     state = [torch.empty(groups, dtype=dt, device="meta") for dt in (torch.float32, torch.float32, torch.int32)]
     flags = torch.empty(groups, dtype=torch.int8, device="meta")
-    return gate_launch(partials, n, *state, flags, active=active, delta=0.01, max_skips=max_skips)
+    return gate_launch(partials, n, *state, flags, active=active, delta=0.01, max_skips=max_skips, refresh=refresh)
 
 
 def _step_scenarios():
@@ -237,22 +237,26 @@ def _gate_scenarios():
 
     1. every RBLOCK the launcher chooses up to MAX_GATE_BLOCKS blocks, for an active call (the
        common case; `active` = 1 is a constexpr): RBLOCK only widens the reduction;
-    2. every combination of integers equal to 1 (nblocks, n, active, max_skips; nblocks is 1
-       whenever n is) at RBLOCK 16.
+    2. every combination of integers equal to 1 (nblocks, n, active, max_skips, refresh: 1 for
+       copied reuse, 2 for extrapolated; nblocks is 1 whenever n is) at RBLOCK 16.
     """
     nblocks = 16
     while nblocks <= MAX_GATE_BLOCKS:
-        yield _gate(nblocks, nblocks * 1024, True, 4)
+        yield _gate(nblocks, nblocks * 1024, True, 4, 2)
         nblocks *= 2
     for nblocks, n in ((5, 5 * 1024 - 3), (1, 105), (1, 1)):
         for active in (False, True):
             for max_skips in (4, 1):
-                yield _gate(nblocks, n, active, max_skips)
+                for refresh in (2, 1):
+                    yield _gate(nblocks, n, active, max_skips, refresh)
 
 
-def _gate(nblocks, n, active, max_skips):
-    launch = decision_launch(nblocks, n, active=active, max_skips=max_skips)
-    words = f"RBLOCK={launch.constexprs['RBLOCK']} nblocks={nblocks} n={n} active={int(active)} max_skips={max_skips}"
+def _gate(nblocks, n, active, max_skips, refresh):
+    launch = decision_launch(nblocks, n, active=active, max_skips=max_skips, refresh=refresh)
+    words = (
+        f"RBLOCK={launch.constexprs['RBLOCK']} nblocks={nblocks} n={n} active={int(active)} max_skips={max_skips}"
+        f" refresh={refresh}"
+    )
     return words, launch
 
 

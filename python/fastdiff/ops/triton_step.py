@@ -148,6 +148,7 @@ if triton is not None:
         active,
         delta,
         max_skips,
+        refresh,
         RBLOCK: tl.constexpr,
     ):
         b = tl.program_id(0)
@@ -157,10 +158,12 @@ if triton is not None:
         d2 = tl.load(d2_ptr + b)
         run = tl.load(run_ptr + b)
         third = tl.abs(d - 2.0 * d1 + d2)
-        skip = (active != 0) & (third <= 2.0 * delta * d1) & (run < max_skips)
+        may = tl.where(run > 0, run < max_skips, (run <= -refresh) & (max_skips > 0))  # GateSpec.decide
+        skip = (active != 0) & (third <= 2.0 * delta * d1) & may
+        made = tl.maximum(tl.minimum(run, 0) - 1, -refresh)
         tl.store(d2_ptr + b, d1)
         tl.store(d1_ptr + b, d)
-        tl.store(run_ptr + b, tl.where(skip, run + 1, 0))
+        tl.store(run_ptr + b, tl.where(skip, tl.maximum(run, 0) + 1, made))
         tl.store(flag_ptr + b, skip.to(tl.int8))
 
 
@@ -234,11 +237,11 @@ def step_launch(k, raw, guidance, basis, program, rows=None, out=None, partials=
     return Launch("fused_step", (nblocks, batch), args, constexprs)
 
 
-def gate_launch(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int) -> Launch:
+def gate_launch(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int, refresh: int) -> Launch:
     """The gate kernel's launch (arguments as in `gate_decide`)."""
     groups, nblocks = partials.shape
     rblock = max(16, triton.next_power_of_2(nblocks))
-    args = (partials, d1, d2, run, flags, nblocks, n, int(active), float(delta), int(max_skips))
+    args = (partials, d1, d2, run, flags, nblocks, n, int(active), float(delta), int(max_skips), int(refresh))
     return Launch("gate", (groups,), args, {"RBLOCK": rblock})
 
 
@@ -263,12 +266,13 @@ def fused_step(k, raw, guidance, basis, program, rows=None, out=None, stat=None,
         stat.copy_(partials.sum(dim=1) / basis[0, 0].numel())
 
 
-def gate_decide(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int) -> None:
-    """Reduce the step's partial sums to d_k and apply the rule; updates d1, d2, run in place
-    and writes flags (int8 [B], 1 = skip the next call)."""
+def gate_decide(partials, n, d1, d2, run, flags, *, active: bool, delta: float, max_skips: int, refresh: int) -> None:
+    """Reduce the step's partial sums to d_k and apply the rule (`GateSpec.decide`; refresh =
+    GateSpec.refresh); updates d1, d2, run in place and writes flags (int8 [B], 1 = skip the next
+    call)."""
     _require()
     _on_device(partials)
-    gate_launch(partials, n, d1, d2, run, flags, active=active, delta=delta, max_skips=max_skips)()
+    gate_launch(partials, n, d1, d2, run, flags, active=active, delta=delta, max_skips=max_skips, refresh=refresh)()
 
 
 KERNELS = {"fused_step": _fused_step_kernel, "gate": _gate_kernel} if triton is not None else {}

@@ -104,7 +104,8 @@ static __global__ void step_kernel(View v, int k, int x_row) {
 // One thread: the batch statistic (per-sample means in double, rounded to float, then their
 // mean, as the CPU sampler with per_sample = false), the gate's decision for call k+1.
 static __global__ void decide_kernel(View v, int k, int64_t batch, float threshold_scale, int max_skips,
-                                     int warmup, cudaGraphConditionalHandle next, int set_conditional) {
+                                     int refresh, int warmup, cudaGraphConditionalHandle next,
+                                     int set_conditional) {
   double mean = 0.0;
   for (int64_t b = 0; b < batch; ++b) {
     double acc = 0.0;
@@ -115,7 +116,7 @@ static __global__ void decide_kernel(View v, int k, int64_t batch, float thresho
   GateDev& g = *v.gate;
   const bool active = fd_gate_active(g.calls, warmup);
   ++g.calls;
-  const bool skip = fd_gate_observe(d, g.d1, g.d2, g.run, active, threshold_scale, max_skips);
+  const bool skip = fd_gate_observe(d, g.d1, g.d2, g.run, active, threshold_scale, max_skips, refresh);
   v.skip[k + 1] = skip ? 1 : 0;
   if (set_conditional) cudaGraphSetConditional(next, skip ? 0u : 1u);
 }
