@@ -53,12 +53,14 @@ def deepcache(engine, plan, interval: int, branch: int = 0):
         helper.disable()  # restores the UNet's own forward and every block's
 
 
-METHODS = ("none", "gate", "gate-copy", "deepcache", "feature-cache", "gate+feature-cache")
+METHODS = ("none", "gate", "gate-copy", "deepcache", "feature-cache", "gate+feature-cache", "fewer-steps")
 
 
 def method(engine, plan, name: str, setting):
     """(context manager, extra sample() kwargs) of one method at one setting: a GateSpec for the
-    gates, an interval for the caches, (GateSpec, interval) for the combination."""
+    gates, an interval for the caches, (GateSpec, interval) for the combination, a step count for
+    "fewer-steps" (the same sampler with fewer steps: no acceleration method at all, the baseline
+    every method has to beat at its number of UNet calls)."""
     if name == "none":
         return nullcontext(), {}
     if name in ("gate", "gate-copy"):
@@ -70,4 +72,6 @@ def method(engine, plan, name: str, setting):
     if name == "gate+feature-cache":
         gate, interval = setting
         return nullcontext(), {"skip": gate, "feature_cache": interval}
+    if name == "fewer-steps":
+        return nullcontext(), {"steps": setting}
     raise ValueError(f"unknown method {name!r}: expected one of {', '.join(METHODS)}")

@@ -251,6 +251,7 @@ PEER_STYLE = {  # method -> (label, marker, colour index)
     "deepcache": ("DeepCache 0.1.1 (PyPI)", "s", 3),
     "feature-cache": ("fastdiff feature cache", "^", 2),
     "gate+feature-cache": ("fastdiff gate + feature cache", "D", 4),
+    "fewer-steps": ("no acceleration, fewer steps", "v", 1),
 }
 
 

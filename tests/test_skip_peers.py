@@ -46,17 +46,21 @@ def test_deepcache_skips_the_deep_modules_and_restores_the_unet():
 
 def test_the_benchmark_runs_side_by_side_and_the_report_draws_the_pareto_plot(tmp_path):
     out = tmp_path / "peers.json"
-    select = "tiny-shapes-N20 and (none or deepcache-interval_2 or batch_ms2_d0.05 or copy_ms4_d0.05)"
+    select = "tiny-shapes-N20 and (none or deepcache-interval_2 or batch_ms2_d0.05 or copy_ms4_d0.05 or 10_steps)"
     cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench" / "test_skip_peers.py"), "-q", "-k", select]
     cmd += ["-p", "no:cacheprovider", f"--benchmark-json={out}"]
     env = {**os.environ, "SKIP_PEERS_PROMPTS": "4"}
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {b["extra_info"]["method"]: b["extra_info"] for b in json.loads(out.read_text())["benchmarks"]}
-    expected = {"none", "gate", "gate-copy"} | ({"deepcache"} if peers.deepcache_available() is None else set())
+    expected = {"none", "gate", "gate-copy", "fewer-steps"} | (
+        {"deepcache"} if peers.deepcache_available() is None else set()
+    )
     assert set(rows) == expected
     assert rows["none"]["psnr"] == 100.0 and rows["none"]["mean_calls"] == 20
     assert rows["gate"]["mean_calls"] < 20 and rows["gate"]["unet_calls"] < 20  # per-batch: whole calls skipped
+    assert rows["fewer-steps"]["mean_calls"] == 10 and rows["fewer-steps"]["call_reduction"] == 2
+    assert rows["fewer-steps"]["psnr"] < 100  # a 10-step run against the 20-step reference
     for r in rows.values():
         assert r["speedup"] > 0 and 0 < r["ssim"] <= 1 and r["psnr_worst"] <= r["psnr_median"] <= 100
         assert 0 <= r["adherence"] <= 1 and r["adherence_reference"] == rows["none"]["adherence_reference"]
