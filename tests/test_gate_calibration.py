@@ -88,6 +88,19 @@ def test_calibration_measures_the_grid_and_checks_the_choice_on_held_out_prompts
     assert "| batch | 0.05 | 2 |" in result.table()
 
 
+def test_calibration_measures_the_sampler_with_fewer_steps_at_the_same_calls(engine, calibrated):
+    base = calibrated.fewer_steps
+    assert base["steps"] == max(1, round(calibrated.chosen.calls)) and base["calls"] == base["steps"]
+    for key in ("calibration", "held_out"):
+        assert set(base[key]) >= {"psnr", "psnr_median", "psnr_worst", "ssim", "ssim_worst"}
+    from fastdiff.models.registry import calibration_prompts  # the baseline is what it says: recompute it
+
+    prompts = calibration_prompts(engine.name, 2, seed=1)
+    reference = engine.sample(prompts, steps=10, seed=1, guidance_scale=engine.guidance_scale)
+    fewer = engine.sample(prompts, steps=base["steps"], seed=1, guidance_scale=engine.guidance_scale)
+    assert fidelity(fewer.images, reference.images) == base["held_out"]
+
+
 def test_held_out_prompts_get_their_own_noise(engine, monkeypatch):
     seen = []
     sample = engine.sample
@@ -100,7 +113,8 @@ def test_held_out_prompts_get_their_own_noise(engine, monkeypatch):
     calibrate_gate(engine, target_psnr=20.0, per_sample=(False,), seed=5, **{**SMALL, "deltas": (0.05,)})
     calibration = {p for p, s in seen if s == 5}
     held_out = {p for p, s in seen if s == 6}
-    assert len(calibration) == 1 and len(held_out) == 1 and len(seen) == 4  # 2 references, the grid of 1, the check
+    # 2 references, the grid of 1, the check, the fewer-steps baseline on each prompt set
+    assert len(calibration) == 1 and len(held_out) == 1 and len(seen) == 6
 
 
 def test_an_unreachable_target_returns_the_closest_setting(engine):
@@ -113,6 +127,10 @@ def test_settings_files_round_trip_and_corrupt_ones_are_named(calibrated, tmp_pa
     path = calibrated.save(tmp_path / "gates" / "dpmpp_2m-10.json")
     again = GateCalibration.load(path)
     assert again.gate == calibrated.gate and again.to_dict() == calibrated.to_dict()
+    older = calibrated.to_dict()
+    del older["fewer_steps"]  # files written before the baseline was measured still load
+    path.write_text(json.dumps(older))
+    assert GateCalibration.load(path).fewer_steps == {}
     path.write_text(path.read_text()[:100])
     with pytest.raises(GateSettingsError, match=f"{path}: cannot read gate settings"):
         GateCalibration.load(path)
@@ -174,6 +192,8 @@ def test_the_cli_writes_the_settings_and_reports_the_choice(tmp_path):
     assert run.returncode in (0, 1), run.stderr
     assert ("chosen: delta=0.05" in run.stdout) == (run.returncode == 0)
     assert "held out (2 prompts)" in run.stdout and f"wrote {out}" in run.stdout
+    steps = GateCalibration.load(out).fewer_steps["steps"]
+    assert f"without skipping, dpmpp_2m at {steps} steps (as many calls): calibration " in run.stdout
     assert GateCalibration.load(out).gate.delta == 0.05
 
 

@@ -212,6 +212,16 @@ def cmd_calibrate_gate(args) -> int:
             f"held out ({result.held_out_prompts} prompts): {h.calls:.1f} calls/image ({h.speedup:.2f}x fewer), PSNR "
             f"{hf['psnr']:.1f} dB pooled, {hf['psnr_worst']:.1f} dB worst, SSIM {hf['ssim']:.4f}"
         )
+    if result.fewer_steps:
+        base, parts = result.fewer_steps, []
+        for key, gate in (("calibration", result.chosen), ("held_out", result.held_out)):
+            if gate is not None and key in base:
+                b, g = base[key], gate.fidelity
+                parts.append(
+                    f"{key.replace('_', ' ')} {b['psnr']:.1f} dB pooled, {b['psnr_worst']:.1f} dB worst "
+                    f"(the gate: {g['psnr']:.1f} / {g['psnr_worst']:.1f})"
+                )
+        print(f"without skipping, {result.sampler} at {base['steps']} steps (as many calls): " + "; ".join(parts))
     for c in result.cliff:
         print(
             f"cliff ({'per-image' if c['per_sample'] else 'per-batch'}, max_skips {c['max_skips']}): "
@@ -474,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "calibrate-gate",
         help="choose the skip gate's settings (delta, max_skips, per-image or per-batch decisions) for a model and "
-        "plan from calibration prompts, so that held-out prompts keep a target PSNR",
+        "plan from calibration prompts, so that held-out prompts keep a target PSNR; also reports the sampler "
+        "without skipping at as many steps as the chosen setting makes calls (the baseline to beat)",
     )
     _model_options(p)
     p.add_argument("--steps", type=int, required=True, help="model calls of the plan the gate skips in (e.g. 50)")
