@@ -24,9 +24,10 @@ serve with. Two guards:
 The chosen setting is then run on held-out prompts (another seed) and reported with the same
 figures, next to the baseline it has to beat: the same sampler without skipping at as many steps
 as the chosen setting makes calls per image (`fewer_steps`), on both prompt sets. On the shipped
-models that baseline is as good as the gate or better (README, "Step skipping vs the caching
-peers"): skipping pays where the plan is fixed (a served step count, a distilled or calibrated
-plan) or where fewer steps lose more than on these small models. A target that no setting meets is said so (`met` False, `message`) and the closest
+models that baseline ties with the gate at 50 steps up to about 2.6x fewer calls and beats it at
+20 steps and beyond (README, "Step skipping vs the caching peers"): skipping pays where the plan
+is fixed (a served step count, a calibrated plan) or where fewer steps lose more than on these
+small models. A target that no setting meets is said so (`met` False, `message`) and the closest
 setting, the one with the highest pooled PSNR, is returned. `save` writes the result as JSON; a
 model directory's gates/<sampler>-<steps>.json is what `skip="adaptive"` uses for that plan
 (`Engine.gate_for`).
