@@ -101,7 +101,7 @@ def test_bad_step_counts_are_refused(sd_schedule, steps):
 def test_unknown_solver_lists_the_known_ones(sd_schedule):
     with pytest.raises(solvers.SolverError, match="unknown solver 'lms': expected one of ddim, pndm, euler"):
         solvers.build("lms", sd_schedule, 10)
-    assert solvers.names() == ["ddim", "pndm", "euler", "dpmpp_2m", "unipc", "deis"]
+    assert solvers.names() == ["ddim", "pndm", "euler", "dpmpp_2m", "unipc", "deis", "ipndm"]
 
 
 def test_options_come_from_the_config_unless_given(sd_schedule):

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from ..plan import StepPlan
 from ..schedules import DiscreteSchedule
-from . import ddim, deis, dpmpp, euler, pndm, unipc
+from . import ddim, deis, dpmpp, euler, ipndm, pndm, unipc
 from .common import SolverError
 
 _SOLVERS: dict[str, tuple[Callable[..., StepPlan], dict]] = {
@@ -21,6 +21,7 @@ _SOLVERS: dict[str, tuple[Callable[..., StepPlan], dict]] = {
     "dpmpp_2m": (dpmpp.build, dpmpp.DEFAULTS),
     "unipc": (unipc.build, unipc.DEFAULTS),
     "deis": (deis.build, deis.DEFAULTS),
+    "ipndm": (ipndm.build, ipndm.DEFAULTS),
 }
 
 # Named variants: a solver with options, usable wherever a sampler name is accepted.
@@ -37,6 +38,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "unipc_bh1": ("unipc", {"solver_type": "bh1"}),
     "deis": ("deis", {}),
     "deis_3": ("deis", {"solver_order": 3}),
+    "ipndm": ("ipndm", {}),
 }
 
 __all__ = ["VARIANTS", "SolverError", "build", "build_variant", "describe", "names", "options"]
