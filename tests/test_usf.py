@@ -44,6 +44,23 @@ def test_ddim_as_a_strategy_is_its_plan(sd_schedule, steps, alpha_to_one):
     assert got.metadata["out_sigma"] == pytest.approx(want.metadata["out_sigma"], abs=1e-15)
 
 
+@pytest.mark.parametrize("steps", [4, 5, 8, 20])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("bh1", [False, True])
+@pytest.mark.parametrize("predict_x0", [True, False])
+def test_unipc_as_a_strategy_is_its_plan(sd_schedule, steps, order, bh1, predict_x0):
+    """Predictor and corrector: UniPC's solved systems are the exact polynomial quadratures of
+    USF's Taylor steps, its fixed 1/2 on B(h) the midpoint / bh1 relaxations."""
+    options = {} if predict_x0 else {"final_sigmas_type": "sigma_min"}
+    strategy = usf.unipc(sd_schedule, steps, order=order, bh1=bh1, predict_x0=predict_x0, **options)
+    want = solvers.build(
+        "unipc", sd_schedule, steps, solver_order=order, solver_type="bh1" if bh1 else "bh2",
+        predict_x0=predict_x0, **options,
+    )  # fmt: skip
+    got = strategy.compile(sd_schedule)
+    assert np.array_equal(got.times, want.times) and rel(got.coef, want.coef) < 1e-12
+
+
 # ---------------------------------------------------------------- the pieces are exact
 @pytest.mark.parametrize("h", [0.01, 0.15, 0.25, 1.3, 4.0])
 @pytest.mark.parametrize("data", [True, False])

@@ -22,12 +22,13 @@ eq. 6-7; order 1 is DDIM / DPM-Solver-1). The choices a step makes (`Step`):
   F_j − F_s = Σ_q F^(q)·Δλ_j^q / q! solved for F^(k) (m >= k; default order − 1 for every k);
 - `scale`: a constant factor on each derivative (k = 1, 2, ...; default 1), and `relaxation` of
   the first one by a function of h: "linear" (1 + c·h, the paper's searched relaxation) or
-  DPM-Solver-2's midpoint rule ("midpoint", which is also UniPC-bh2's B(h); UniPC's own forms
-  come with its reproduction);
+  the B(h) forms of a second-order step: DPM-Solver-2's midpoint rule and UniPC-bh2's
+  ("midpoint": the two coincide) and UniPC-bh1's ("bh1");
 - `start`: the point the step starts from, 1 = the last one (multistep), 2 or 3 = earlier ones
   (singlestep-like steps that reuse the outputs in between);
-- `corrector`: a pseudo-corrector of that order (UniC-like): once the model has been called at
-  the new point, the step is redone with that output among the points; the model's output stays
+- `corrector`: a pseudo-corrector of that Taylor order (UniC-like): once the model has been
+  called at the new point, the step is redone with that output among the points (derivatives
+  from corrector − 1 points each, relaxed by `corrector_relaxation`); the model's output stays
   the one at the uncorrected point, so no call is added (0 = none; not on the last step, where it
   would cost a call at the clean end).
 
@@ -51,7 +52,7 @@ from ..schedules import DiscreteSchedule, data_prediction, log_snr, noise_predic
 from .common import SolverError, Trace
 
 PREDICTIONS = ("x0", "eps")
-RELAXATIONS = ("none", "linear", "midpoint")
+RELAXATIONS = ("none", "linear", "midpoint", "bh1")
 MAX_ORDER = 4
 MAX_START = 3
 
@@ -68,14 +69,16 @@ class Step:
     c: float = 0.0  # "linear" relaxation: F' *= 1 + c·h
     start: int = 1
     corrector: int = 0
+    corrector_relaxation: str = "none"
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, int) or not 1 <= self.order <= MAX_ORDER:
             raise SolverError(f"usf: order must be an integer in 1..{MAX_ORDER}, got {self.order!r}")
         if self.prediction not in PREDICTIONS:
             raise SolverError(f"usf: prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
-        if self.relaxation not in RELAXATIONS:
-            raise SolverError(f"usf: relaxation must be one of {', '.join(RELAXATIONS)}, got {self.relaxation!r}")
+        for name in ("relaxation", "corrector_relaxation"):
+            if getattr(self, name) not in RELAXATIONS:
+                raise SolverError(f"usf: {name} must be one of {', '.join(RELAXATIONS)}, got {getattr(self, name)!r}")
         if not math.isfinite(self.c):
             raise SolverError(f"usf: the relaxation coefficient c must be finite, got {self.c!r}")
         for name, values in (("points", self.points), ("scale", self.scale)):
@@ -185,14 +188,17 @@ class Strategy:
             observe(0, trace.call(xs[0], grid.times[0]))
         for i, step in enumerate(self.steps):
             known = list(range(len(outputs["x0"])))
-            x_new = _update(i, step, step.order, step.derivative_points(), xs, outputs, lam, grid, known)
+            x_new = _update(
+                i, step, step.order, step.derivative_points(), step.relaxation, xs, outputs, lam, grid, known
+            )
             xs.append(x_new)
             if i + 1 < len(self.steps):
                 observe(i + 1, trace.call(x_new, grid.times[i + 1]))
                 if step.corrector:
                     q = step.corrector
+                    points = (q - 1,) * (q - 1)
                     xs[i + 1] = _update(
-                        i, step, q, (q - 1,) * (q - 1), xs[: i + 1], outputs, lam, grid, known + [i + 1]
+                        i, step, q, points, step.corrector_relaxation, xs[: i + 1], outputs, lam, grid, known + [i + 1]
                     )
         return trace.finish(
             xs[-1],
@@ -212,7 +218,7 @@ class Strategy:
         }
 
 
-def _update(i, step: Step, order: int, points, xs, outputs, lam, grid: Grid, known: list[int]):
+def _update(i, step: Step, order: int, points, relaxation: str, xs, outputs, lam, grid: Grid, known: list[int]):
     """x at point i + 1 by `step` with Taylor order `order` from the outputs at the points `known`."""
     s = i + 1 - step.start
     if s < 0 or s not in known:
@@ -244,7 +250,7 @@ def _update(i, step: Step, order: int, points, xs, outputs, lam, grid: Grid, kno
         d = _derivative(k, [lam[j] - lam[s] for j in others], [F[j] - F[s] for j in others])
         factor = scale[k - 1] if k - 1 < len(scale) else 1.0
         if k == 1:
-            factor *= _relaxation(step, h if not data or step.relaxation == "linear" else -h, h)
+            factor *= _relaxation(relaxation, step.c, h if not data or relaxation == "linear" else -h, h)
         if data:
             x = x + a_t * weights[k] * factor * d
         else:
@@ -272,15 +278,17 @@ def _derivative(k: int, dlam: list[float], dF: list):
     return sum(a_j * f for a_j, f in zip(a, dF))
 
 
-def _relaxation(step: Step, hh: float, h: float) -> float:
+def _relaxation(relaxation: str, c: float, hh: float, h: float) -> float:
     """The factor on the first derivative (USF's relaxations; hh is h for noise prediction, −h for
-    data prediction, as the paper's empirical forms are written)."""
-    if step.relaxation == "none":
+    data prediction, as the paper's empirical forms are written): B(h)/2 over the exact weight
+    K_1(h)/h (J_1(h)/h), with B(h) = e^hh − 1 (midpoint, UniPC-bh2) or hh (UniPC-bh1)."""
+    if relaxation == "none":
         return 1.0
-    if step.relaxation == "linear":
-        return 1.0 + step.c * h
+    if relaxation == "linear":
+        return 1.0 + c * h
     e = math.expm1(hh)
-    return 0.5 * hh * e / (e - hh)  # midpoint
+    b = e if relaxation == "midpoint" else hh
+    return 0.5 * hh * b / (e - hh)
 
 
 def _integrals(h: float, order: int, data: bool) -> list[float]:
@@ -354,3 +362,46 @@ def ddim(schedule: DiscreteSchedule, steps: int, **options) -> Strategy:
         tuple(float(t) for t in timesteps), tuple(math.sqrt(a) for a in bars), tuple(math.sqrt(1 - a) for a in bars)
     )
     return Strategy(grid, tuple(Step(order=1, prediction="eps") for _ in timesteps), name="usf:ddim")
+
+
+def unipc(
+    schedule: DiscreteSchedule, steps: int, *, order: int = 2, bh1: bool = False, predict_x0: bool = True, **options
+) -> Strategy:
+    """UniPC (predictor UniP-p, corrector UniC-p) as `solvers.build("unipc", ...)` runs it: the
+    predictor of order p >= 3 and the corrector of order q >= 2 solve UniPC's system exactly, i.e.
+    integrate the polynomial through their points (Taylor order p from p − 1 points; q + 1 from
+    q, the new output among them); the second-order predictor and the corrector after a
+    first-order step use the fixed weight 1/2 on B(h) (the "midpoint"/"bh1" relaxations)."""
+    from . import unipc as unipc_solver
+    from .common import resolve_options
+    from .dpmpp import final_sigma, multistep_grid
+
+    opts = resolve_options(
+        "unipc",
+        schedule,
+        {**options, "solver_order": order, "solver_type": "bh1" if bh1 else "bh2", "predict_x0": predict_x0},
+        unipc_solver.DEFAULTS,
+    )
+    if opts["disable_corrector"]:
+        raise SolverError("usf.unipc: disable_corrector is not expressed here (a Step without a corrector is)")
+    timesteps, sigmas = multistep_grid(schedule, steps, opts, "usf")
+    karras = bool(opts["use_karras_sigmas"])
+    sigmas = np.append(sigmas, final_sigma(schedule, sigmas, opts["final_sigmas_type"], "usf", karras))
+    n = len(timesteps)
+    relax = "bh1" if bh1 else "midpoint"
+    prediction = "x0" if predict_x0 else "eps"
+    plan = []
+    for i in range(n):
+        p = min(order, n - i) if opts["lower_order_final"] else order
+        p = min(p, i + 1)
+        q = p + 1 if i + 1 < n else 0  # the corrector at the next call corrects this step's point
+        plan.append(
+            Step(
+                order=p,
+                prediction=prediction,
+                relaxation=relax if p == 2 else "none",
+                corrector=q,
+                corrector_relaxation=relax if q == 2 else "none",
+            )
+        )
+    return Strategy(Grid.from_ve_sigmas(timesteps, sigmas), tuple(plan), name=f"usf:unipc_{'bh1' if bh1 else 'bh2'}")
