@@ -34,7 +34,7 @@ from ..loops import reference
 from ..plan import StepPlan
 from ..program import compile as compile_program
 from .lstsq import CalibrationError, Fit, GramAccumulator
-from .trajectories import EngineSource, FunctionSource, Source, Trajectories, teacher_trajectories
+from .trajectories import Source, Trajectories, make_source, teacher_trajectories
 
 MAX_GRAM_BYTES = 256 * 2**20  # float64 working set per batch when accumulating Gram matrices
 
@@ -432,24 +432,13 @@ def calibrate(
     directory: keep the teacher trajectories there (resumable; bounded memory).
     Returns the plan; its metadata["calibration"] holds the path, ridge and per-row residuals.
     """
-    from ..engines.engine import Engine
-
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
     if path == "searched" and not closed_loop:
         raise ValueError("path='searched' optimises the closed-loop error: it needs closed_loop=True")
-    if isinstance(model_or_engine, Source):
-        source = model_or_engine
-    elif isinstance(model_or_engine, Engine):
-        source = EngineSource(model_or_engine, calibration_set, guidance_scale=guidance_scale, seed=seed)
-    elif callable(model_or_engine):
-        if schedule is None:
-            raise ValueError("calibrating a model function needs schedule= (its noise schedule)")
-        source = FunctionSource(model_or_engine, schedule, calibration_set)
-    else:
-        raise TypeError(f"expected an Engine, a model function or a calibration Source, got {type(model_or_engine)}")
+    source = make_source(model_or_engine, calibration_set, seed=seed, schedule=schedule, guidance_scale=guidance_scale)
     dim = int(np.prod(source.x_T.shape[1:]))
     need = needed_samples(steps, dim, ridge)
     if source.num_samples < need:

@@ -105,6 +105,22 @@ class EngineSource(Source):
         }
 
 
+def make_source(model_or_engine, calibration_set, *, seed: int = 0, schedule=None, guidance_scale=None) -> Source:
+    """The calibration Source of an Engine (calibration_set: prompts, x_T from `seed`), a
+    model_fn(x, t) with `schedule=` (calibration_set: the x_T tensor [samples, ...]), or a Source."""
+    from ..engines.engine import Engine
+
+    if isinstance(model_or_engine, Source):
+        return model_or_engine
+    if isinstance(model_or_engine, Engine):
+        return EngineSource(model_or_engine, calibration_set, guidance_scale=guidance_scale, seed=seed)
+    if callable(model_or_engine):
+        if schedule is None:
+            raise ValueError("calibrating a model function needs schedule= (its noise schedule)")
+        return FunctionSource(model_or_engine, schedule, calibration_set)
+    raise TypeError(f"expected an Engine, a model function or a calibration Source, got {type(model_or_engine)}")
+
+
 @dataclass
 class Trajectories:
     """latents[s, k] = teacher input at call k (k = 0..M-1), latents[s, M] = the teacher's result;
