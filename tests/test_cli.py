@@ -70,7 +70,18 @@ def test_bench_gmm_prints_a_table(tmp_path, capsys):
     assert len(json.loads(out_json.read_text())) == 4
 
 
-COMMANDS = [[], ["plan"], ["bench"], ["info"], ["solvers"], ["bench", "gmm"], ["sample"], ["calibrate"], ["export"]]
+COMMANDS = [
+    [],
+    ["plan"],
+    ["bench"],
+    ["info"],
+    ["solvers"],
+    ["bench", "gmm"],
+    ["sample"],
+    ["calibrate"],
+    ["search"],
+    ["export"],
+]
 
 
 def test_choice_lists_come_from_the_registries():
@@ -81,7 +92,9 @@ def test_choice_lists_come_from_the_registries():
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = {a.dest: a.choices for a in sample._actions if a.choices}
     assert tuple(choices["backend"]) == CHOICES and tuple(choices["loop"]) == loops.CHOICES
-    assert tuple(choices["dtype"]) == NAMES and set(solvers.VARIANTS) | {"olss"} == set(choices["sampler"])
+    assert tuple(choices["dtype"]) == NAMES and set(solvers.VARIANTS) | {"auto", "usf", "olss"} == set(
+        choices["sampler"]
+    )
 
 
 @pytest.mark.parametrize("argv", COMMANDS)

@@ -62,7 +62,8 @@ def test_the_cliff_is_the_largest_drop_between_neighbouring_deltas():
 def engine():
     import fastdiff
 
-    return fastdiff.build_engine("tiny-shapes", device="cpu")
+    # DPM-Solver++(2M) at every step count (the default, "auto", would pick the shipped plans)
+    return fastdiff.build_engine("tiny-shapes", device="cpu", sampler="dpmpp_2m")
 
 
 SMALL = {"steps": 10, "samples": 3, "held_out": 2, "deltas": (0.05, 0.5), "max_skips": (2,), "progress": False}
@@ -187,6 +188,7 @@ def test_bad_calibration_settings_are_named(engine, kwargs, message):
 def test_the_cli_writes_the_settings_and_reports_the_choice(tmp_path):
     out = tmp_path / "gate.json"
     cmd = [sys.executable, "-m", "fastdiff.cli", "calibrate-gate", "--steps", "10", "--samples", "2", "--held-out", "2"]
+    cmd += ["--sampler", "dpmpp_2m"]
     cmd += ["--deltas", "0.05", "--max-skips", "2", "--decisions", "batch", "--target-psnr", "15", "--out", str(out)]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode in (0, 1), run.stderr

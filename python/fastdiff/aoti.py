@@ -131,7 +131,7 @@ def export_aoti(
         raise AOTIExportError("give at least one prompt to pre-encode")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan if plan is not None else engine.plan_for(sampler or engine.sampler, steps)
+    plan = plan if plan is not None else engine.plan_for(sampler, steps)
     plan.check_schedule(engine.schedule)
     guidance = engine.guidance_scale if guidance_scale is None else float(guidance_scale)
     device = engine.device

@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, calibrate-gate, export, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, search, calibrate-gate, export, bench."""
 
 from __future__ import annotations
 
@@ -221,7 +221,10 @@ def cmd_calibrate_gate(args) -> int:
                     f"{key.replace('_', ' ')} {b['psnr']:.1f} dB pooled, {b['psnr_worst']:.1f} dB worst "
                     f"(the gate: {g['psnr']:.1f} / {g['psnr_worst']:.1f})"
                 )
-        print(f"without skipping, {result.sampler} at {base['steps']} steps (as many calls): " + "; ".join(parts))
+        print(
+            f"without skipping, {base.get('sampler', result.sampler)} at {base['steps']} steps (as many calls): "
+            + "; ".join(parts)
+        )
     for c in result.cliff:
         print(
             f"cliff ({'per-image' if c['per_sample'] else 'per-batch'}, max_skips {c['max_skips']}): "
@@ -276,6 +279,71 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import tempfile
+
+    from .calibration.search import search
+    from .models.registry import build_engine, calibration_prompts
+
+    nfes = list(dict.fromkeys(args.nfe))
+    out = Path(args.out)
+    if len(nfes) > 1 and out.suffix == ".json":
+        raise ValueError(f"--out {out}: several --nfe write one plan each, so --out must be a directory")
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    if args.prompts:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    else:
+        prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="fastdiff-trajectories-") as scratch:
+        directory = args.trajectories or (scratch if len(nfes) > 1 else None)
+        for nfe in nfes:
+            checkpoint = args.checkpoint
+            if checkpoint is not None and len(nfes) > 1:
+                checkpoint = Path(checkpoint) / f"search-{nfe}.jsonl"
+            result = search(
+                engine,
+                prompts,
+                nfe,
+                budget=args.budget,
+                teacher=args.teacher,
+                samples=args.search_samples,
+                seed=args.seed,
+                predictor=not args.no_predictor,
+                refit=args.refit,
+                checkpoint=checkpoint,
+                trajectories=directory,
+                workers=args.workers,
+                ray_address=args.ray_address,
+                guidance_scale=args.guidance,
+            )
+            info = dict(result.plan.metadata["search"], command="fastdiff " + " ".join(args.argv))
+            info["wall_seconds"] = round(result.seconds, 1)
+            plan = result.best_plan.with_metadata(search=info)
+            target = out / f"usf-{nfe}.json" if len(nfes) > 1 else out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            plan.save(target)
+            corr = "n/a" if result.rank_correlation is None else f"{result.rank_correlation:.3f}"
+            print(
+                f"USF {nfe} calls on {engine.name}: proxy error {result.error:.4g} vs the teacher {info['teacher']} on "
+                f"{info['samples']} samples; {info['evaluated']} candidates, {result.calls} model calls, "
+                f"{result.seconds:.0f} s; predictor rank correlation (5-fold, held out) {corr}"
+            )
+            print(f"  times {[round(t) for t in plan.times]}; strategy {json.dumps(result.strategy.to_dict())}")
+            if result.validation is not None:
+                v = result.validation
+                where = f"{v['samples']} held-out" if v["held_out"] else f"the {v['samples']} search (in-sample)"
+                other, suffix = (result.plan, "searched") if v["chosen"] == "olss" else (result.refit_plan, "olss")
+                print(
+                    f"  on {where} samples: searched {v['search']:.4g}, OLSS refit on its times {v['olss']:.4g}; "
+                    f"{target.name} is the {'OLSS refit' if v['chosen'] == 'olss' else 'searched plan'}"
+                )
+                alt = target.with_name(f"{target.stem}.{suffix}.json")
+                other.with_metadata(search=info).save(alt)
+                print(f"  wrote the other one to {alt}")
+            print(f"wrote {target}")
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -319,7 +387,7 @@ def _model_options(p, *, runtime: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import loops, solvers
     from .engines.backends import CHOICES as BACKENDS
-    from .engines.engine import CALIBRATED
+    from .engines.engine import AUTO, CALIBRATED
     from .gate import REUSE_MODES
 
     parser = argparse.ArgumentParser(
@@ -355,17 +423,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the plan to this file")
     p.set_defaults(func=cmd_plan)
 
-    samplers = (*solvers.VARIANTS, *CALIBRATED)
+    samplers = (AUTO, *solvers.VARIANTS, *CALIBRATED)
     p = sub.add_parser("sample", help="sample images from a model into PNG files")
     p.add_argument("prompt", help='the prompt, e.g. "a red circle on a blue background" (digits: "7")')
     _model_options(p)
     p.add_argument("--steps", type=int, default=20, help="sampler steps (default 20)")
     p.add_argument(
         "--sampler",
-        default="dpmpp_2m",
+        default=AUTO,
         choices=samplers,
         metavar="SAMPLER",
-        help=f"solver or variant: {', '.join(samplers)} (olss: the model's shipped calibrated plans; default dpmpp_2m)",
+        help=f"solver or variant: {', '.join(samplers)} (usf: the model's shipped searched plans, olss: its calibrated "
+        "ones; auto, the default: the best plan the model ships for --steps, usf, else olss, else dpmpp_2m)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -482,6 +551,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
+        "search",
+        help="search a USF solver strategy for a model and an NFE (S^3: evolution with a ranking predictor)",
+        description="Searches per-step solver strategies (times, prediction type, Taylor order, relaxation, "
+        "corrector, analytical first step) for a model: candidates are scored by their error against a many-step "
+        "teacher on calibration prompts; a ranking predictor chooses which mutants the model scores. The best "
+        "strategy is saved as a StepPlan; a model's plans/ directory makes them its shipped 'usf' plans.",
+    )
+    _model_options(p)
+    p.add_argument(
+        "--nfe",
+        type=int,
+        nargs="+",
+        required=True,
+        help="model calls of the plan; several values share one teacher run",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="write the plan (JSON) here; with several --nfe a directory that receives usf-N.json per N",
+    )
+    p.add_argument(
+        "--budget", type=int, default=200, help="candidates evaluated per NFE, the seeds included (default 200)"
+    )
+    p.add_argument(
+        "--teacher",
+        default="dpmpp_2m:100",
+        help="the many-step run candidates are scored against, and whose grid their times come from "
+        "(default dpmpp_2m:100)",
+    )
+    p.add_argument("--samples", type=int, default=64, help="calibration prompts from the model's grammar (default 64)")
+    p.add_argument(
+        "--search-samples",
+        type=int,
+        default=None,
+        help="the first this many calibration samples score each candidate (default all; the cost of a candidate "
+        "is NFE × this many model calls)",
+    )
+    p.add_argument(
+        "--prompts", default=None, help="a text file of calibration prompts, one per line (overrides --samples)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise, the prompts and the search (default 0)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument(
+        "--no-predictor",
+        action="store_true",
+        help="evaluate random mutants instead of the ones the ranking predictor prefers (the plain evolution)",
+    )
+    p.add_argument(
+        "--refit",
+        choices=("olss",),
+        default=None,
+        help="olss: also fit OLSS coefficients (closed loop) on the best candidate's times; --out gets whichever "
+        "of the two has the lower error on the calibration samples the search did not score (see --search-samples; "
+        "in-sample when it scored all), the other goes to <out>.searched.json or <out>.olss.json",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a JSON-lines file (with several --nfe: a directory of search-N.jsonl) to resume from and append to; "
+        "a checkpoint of other settings is refused",
+    )
+    p.add_argument("--trajectories", default=None, help="keep the teacher run in this directory (resumable)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes evaluating candidates (default: the CPU count on the CPU, 1 on a GPU)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="evaluate candidates on this Ray cluster (e.g. 10.0.0.1:6379; 'local' starts one on this machine)",
+    )
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
         "calibrate-gate",
         help="choose the skip gate's settings (delta, max_skips, per-image or per-batch decisions) for a model and "
         "plan from calibration prompts, so that held-out prompts keep a target PSNR; also reports the sampler "
@@ -489,7 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(p)
     p.add_argument("--steps", type=int, required=True, help="model calls of the plan the gate skips in (e.g. 50)")
-    p.add_argument("--sampler", default=None, help="the plan's sampler (default: the model's, dpmpp_2m)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="the plan's sampler (default: the model's, 'auto': the best plan it ships for --steps, else dpmpp_2m)",
+    )
     p.add_argument(
         "--target-psnr",
         type=float,

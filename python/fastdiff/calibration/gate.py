@@ -265,7 +265,8 @@ def calibrate_gate(
 
     _check(target_psnr, worst_psnr, deltas, max_skips, per_sample, samples, held_out)
     worst = target_psnr - WORST_MARGIN_DB if worst_psnr is None else float(worst_psnr)
-    sampler = sampler or engine.sampler
+    requested = sampler or engine.sampler  # "auto" stays auto for the fewer-steps baseline below
+    sampler = engine.resolve_sampler(sampler, steps)
     plan = engine.plan_for(sampler, steps)
     first = GateSpec(warmup=warmup).first_call
     if plan.num_calls <= first:
@@ -312,7 +313,7 @@ def calibrate_gate(
         bar.update(1)
     chosen, met, message = choose(trials, float(target_psnr), worst)
     fewer = max(1, round(chosen.calls))
-    fewer_plan = engine.plan_for(sampler, fewer)
+    fewer_plan = engine.plan_for(requested, fewer)
 
     def baseline(batch, reference, noise) -> dict:
         """The sampler at `fewer` steps without skipping against the N-step run."""
@@ -321,6 +322,7 @@ def calibrate_gate(
         return fidelity(out.images, reference.images)
 
     fewer_steps = {
+        "sampler": engine.resolve_sampler(requested, fewer),
         "steps": fewer,
         "calls": float(fewer_plan.num_calls),
         "calibration": baseline(prompts, reference, seed),

@@ -29,7 +29,9 @@ from . import backends as _backends
 from .backends import Runner
 from .components import TextConditioner, VaeDecoder, to_pil
 
-CALIBRATED = ("olss",)  # samplers whose plans are fitted to a model and shipped with it
+CALIBRATED = ("usf", "olss")  # samplers whose plans are fitted to a model and shipped with it, best first
+AUTO = "auto"  # the best plan the model has for the step count: a shipped CALIBRATED one, else FALLBACK
+FALLBACK = "dpmpp_2m"
 
 
 class NonFiniteError(FloatingPointError):
@@ -133,7 +135,7 @@ class Engine:
         sample_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        sampler: str = "dpmpp_2m",
+        sampler: str = AUTO,
         guidance_scale: float = 7.5,
         backend: str = "eager",
         loop: str = "auto",
@@ -193,11 +195,24 @@ class Engine:
         """What happened to the engine (fp16 fallbacks, a loop that could not be captured)."""
         return self._notes + self.loop.notes
 
+    def resolve_sampler(self, sampler: str | None, steps: int) -> str:
+        """The sampler a request runs: `sampler` (None: the engine's), with "auto" resolved to the
+        best plan the model ships for `steps` calls (searched "usf", else "olss"), else DPM-Solver++(2M)."""
+        sampler = sampler or self.sampler
+        if sampler != AUTO:
+            return sampler
+        for kind in CALIBRATED:
+            if steps in self.shipped_plans(kind):
+                return kind
+        return FALLBACK
+
     def plan_for(self, sampler: str, steps: int) -> StepPlan:
         """The plan of sampler at steps on this model's schedule (cached per (sampler, steps)).
 
-        Calibrated samplers ("olss") use the plans shipped with the model (plans/olss-N.json).
+        Calibrated samplers ("usf", "olss") use the plans shipped with the model (plans/usf-N.json,
+        plans/olss-N.json); "auto" is the best of those for `steps`, else DPM-Solver++(2M).
         """
+        sampler = self.resolve_sampler(sampler, steps)
         key = (sampler, steps)
         if key not in self._plans:
             if sampler in CALIBRATED:
@@ -207,7 +222,7 @@ class Engine:
         return self._plans[key]
 
     def shipped_plans(self, kind: str = "olss") -> list[int]:
-        """Step counts with a shipped `kind` plan."""
+        """Step counts with a shipped `kind` plan ("usf" or "olss")."""
         if self.plans_dir is None or not self.plans_dir.is_dir():
             return []
         steps = (p.stem.rpartition("-")[2] for p in self.plans_dir.glob(f"{kind}-*.json"))
@@ -217,9 +232,14 @@ class Engine:
         path = self.plans_dir / f"{kind}-{steps}.json" if self.plans_dir is not None else None
         if path is None or not path.is_file():
             have = ", ".join(map(str, self.shipped_plans(kind))) or "none"
+            make = (
+                f"fastdiff search --model {self.name} --nfe {steps}"
+                if kind == "usf"
+                else f"fastdiff calibrate --model {self.name} --steps {steps}"
+            )
             raise ValueError(
-                f"{self.name} ships no {kind} plan for {steps} steps (shipped: {have}); calibrate one with "
-                f"`fastdiff calibrate --model {self.name} --steps {steps} --out plan.json` and pass plan=<that file>"
+                f"{self.name} ships no {kind} plan for {steps} steps (shipped: {have}); make one with "
+                f"`{make} --out plan.json` and pass plan=<that file>"
             )
         plan = StepPlan.load(path)
         plan.check_schedule(self.schedule)
@@ -237,6 +257,7 @@ class Engine:
         only when it changes (skip="adaptive" asks on every sample call)."""
         from ..gate import read_settings
 
+        sampler = self.resolve_sampler(sampler, steps)
         path = None if self.gates_dir is None else self.gates_dir / f"{sampler}-{steps}.json"
         if path is None or not path.is_file():
             return None

@@ -25,7 +25,7 @@ def build_engine(
     device=None,
     dtype=None,
     backend: str = "auto",
-    sampler: str = "dpmpp_2m",
+    sampler: str = "auto",
     weights: str | os.PathLike | None = None,
     **engine_options,
 ) -> Engine:
@@ -37,7 +37,9 @@ def build_engine(
     device defaults to CUDA when available, dtype to float16 on CUDA and float32 on CPU. backend:
     "auto" (compiled + CUDA graphs on a GPU, eager on the CPU), "eager", "cuda_graph" or
     "compiled"; `fastdiff info` says which are available. engine_options go to the Engine as given,
-    e.g. loop="auto" | "reference" | "graph" | "cpp" (`fastdiff.loops`).
+    e.g. loop="auto" | "reference" | "graph" | "cpp" (`fastdiff.loops`). sampler: the default of
+    engine.sample; "auto" is the best plan the model ships for the step count (a searched "usf"
+    plan, else "olss", else DPM-Solver++(2M)).
     """
     device = default_device(device)
     dtype = default_dtype(dtype, device)
