@@ -123,38 +123,39 @@ OLSS_REFERENCE = {
 }
 
 
-def olss_rows(benchmarks: list[dict], study: str) -> list[dict]:
-    return [b["extra_info"] for b in benchmarks if b.get("group") == f"olss-quality-{study}"]
+def olss_rows(benchmarks: list[dict], study: str, group: str = "olss-quality") -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b.get("group") == f"{group}-{study}"]
 
 
-def olss_table(rows: list[dict]) -> str:
-    """A row per method (the teacher as one line with its NFE), a column per step count."""
+def olss_table(rows: list[dict], key: str = "rel_error", fmt: str = ".2e") -> str:
+    """A row per method (the teacher as one line with its NFE), a column per step count: `key`."""
     teacher = [r for r in rows if r["label"] == "teacher"]
-    rows = [r for r in rows if r["label"] != "teacher"]
+    rows = [r for r in rows if r["label"] != "teacher" and r.get(key) is not None]
     steps = sorted({r["steps"] for r in rows})
     cells = {(r["label"], r["steps"]): r for r in rows}
     lines = ["| method | " + " | ".join(f"N={n}" for n in steps) + " |", "|" + " --- |" * (len(steps) + 1)]
     for label in dict.fromkeys(r["label"] for r in rows):
-        values = ["—" if (label, n) not in cells else f"{cells[(label, n)]['rel_error']:.2e}" for n in steps]
+        values = ["—" if (label, n) not in cells else f"{cells[(label, n)][key]:{fmt}}" for n in steps]
         lines.append(f"| {label} | " + " | ".join(values) + " |")
     for r in teacher:
         lines.append(f"| teacher ({r['nfe']} calls) | {r['rel_error']:.2e} |" + " |" * (len(steps) - 1))
     return "\n".join(lines)
 
 
-def olss_plot(benchmarks: list[dict], path: Path) -> None:
+def olss_plot(benchmarks: list[dict], path: Path, group: str = "olss-quality", highlight=("olss",)) -> None:
+    """Error vs NFE per study of `group` (the `highlight` methods solid, the others dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s)]
+    studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s, group)]
     fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4.5), squeeze=False)
     for ax, study in zip(axes[0], studies):
-        rows = [r for r in olss_rows(benchmarks, study) if r["label"] != "teacher"]
+        rows = [r for r in olss_rows(benchmarks, study, group) if r["label"] != "teacher"]
         for i, label in enumerate(dict.fromkeys(r["label"] for r in rows)):
             points = sorted((r["nfe"], r["rel_error"]) for r in rows if r["label"] == label)
-            olss = label.startswith("olss")
+            olss = label.startswith(highlight)
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],
@@ -173,6 +174,56 @@ def olss_plot(benchmarks: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+SEARCH_REFERENCE = {
+    "gmm": "the exact ODE solution (64-d mixture, 64 held-out x_T); searched here on 128 calibration x_T against "
+    "DPM-Solver++(2M)-100, budget 200 candidates",
+    "tiny-shapes": "a 1000-step run (32 held-out prompts and noise); the shipped plans (engines/tiny-shapes/plans)",
+    "digits": "a 1000-step run (32 samples with held-out noise); the shipped plans (engines/digits/plans)",
+}
+
+
+def search_cost_table(benchmarks: list[dict]) -> str:
+    """What each searched plan cost: candidates' model calls, wall time, the proxy, which plan the
+    held-out calibration samples chose (the searched one or the OLSS refit on its times), the predictor."""
+    lines = [
+        "| study | NFE | model calls | wall time | proxy error (calibration) | plan | held-out error | predictor ρ |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in benchmarks:
+        r = b["extra_info"]
+        if not b.get("group", "").startswith("search-quality-") or "search_calls" not in r:
+            continue
+        secs = "—" if r.get("search_seconds") is None else f"{r['search_seconds']:.0f} s"
+        rho = "—" if r.get("rank_correlation") is None else f"{r['rank_correlation']:.2f}"
+        kind = {"olss": "OLSS refit", "search": "searched"}.get(r.get("chosen"), "searched")
+        lines.append(
+            f"| {r['study']} | {r['nfe']} | {r['search_calls']:,} | {secs} | {r['proxy_error']:.3g} | {kind} | "
+            f"{r['rel_error']:.3g} | {rho} |"
+        )
+    return "\n".join(lines)
+
+
+def predictor_table(benchmarks: list[dict]) -> str:
+    lines = [
+        "| study | seed | plain: proxy error (held out) | with predictor | model calls: plain "
+        "| with predictor to match | saved | predictor ρ (held out) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for b in benchmarks:
+        if b.get("group") != "search-predictor":
+            continue
+        info = b["extra_info"]
+        for r in info["runs"]:
+            reach = "not reached" if r["predictor_calls_to_match"] is None else f"{r['predictor_calls_to_match']:,}"
+            saved = "—" if r["saved"] is None else f"{100 * r['saved']:.0f}%"
+            lines.append(
+                f"| {info['study']} | {r['seed']} | {r['plain_error']:.3g} ({r['held_out_plain']:.3g}) | "
+                f"{r['predictor_error']:.3g} ({r['held_out_predictor']:.3g}) | {r['plain_calls']:,} | {reach} | "
+                f"{saved} | {r['rank_correlation']:.2f} |"
+            )
+    return "\n".join(lines)
 
 
 def latency_table(benchmarks: list[dict]) -> str:
@@ -471,6 +522,34 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"Machine: {where}.")
         olss_plot(benchmarks, args.out / "olss_quality.png")
         _write(args.out / "olss_quality.md", "\n\n".join(parts) + "\n", args.out / "olss_quality.png")
+    studies = [s for s in OLSS_STUDIES if olss_rows(benchmarks, s, "search-quality")]
+    if studies:
+        parts = [
+            "# USF search quality\n\nRelative RMS error of the final latents (pixels for digits) on samples held out "
+            "from the search and calibration, NFE 3-10 (and DPM-Solver++(2M) at 20). usf_*: searched strategies "
+            "(`fastdiff.calibration.search`); olss_*: OLSS plans; gits_*: GITS's tuned times (DP on the search "
+            "teacher's grid) with that solver's steps; ipndm: iPNDM."
+        ]
+        for study in studies:
+            rows = olss_rows(benchmarks, study, "search-quality")
+            parts.append(f"## {study}\n\nReference: {SEARCH_REFERENCE[study]}.\n\n{olss_table(rows)}")
+            for key, what, fmt in (
+                ("adherence", "prompt adherence of 64 held-out prompts (higher is better)", ".3f"),
+                ("fd", "feature Fréchet distance of 200 samples, 20 per class (lower is better)", ".2f"),
+                ("accuracy", "classifier accuracy of the same 200 samples", ".3f"),
+            ):
+                if any(r.get(key) is not None for r in rows):
+                    parts.append(f"{study}, {what}:\n\n{olss_table(rows, key, fmt)}")
+        parts.append(f"## Search cost\n\n{search_cost_table(benchmarks)}")
+        if any(b.get("group") == "search-predictor" for b in benchmarks):
+            parts.append(
+                "## The ranking predictor\n\nNFE 5, budget 200 candidates, the same seed with and without the "
+                "predictor; model calls the predictor run spent until its best proxy error reached the plain run's "
+                f"final one; ρ: Spearman correlation on held-out strategies (5-fold).\n\n{predictor_table(benchmarks)}"
+            )
+        parts.append(f"Machine: {where}.")
+        olss_plot(benchmarks, args.out / "search_quality.png", "search-quality", ("usf", "olss"))
+        _write(args.out / "search_quality.md", "\n\n".join(parts) + "\n", args.out / "search_quality.png")
     rows = gate_rows(benchmarks)
     if rows:
         text = (

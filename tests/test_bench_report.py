@@ -83,6 +83,36 @@ def test_olss_quality_report_renders_a_table_per_study_and_a_plot(tmp_path):
     assert (tmp_path / "r" / "olss_quality.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_search_quality_report_renders_errors_images_cost_and_the_predictor(tmp_path):
+    def bench(study, label, nfe, error, group="search-quality", **extra):
+        info = {"study": study, "label": label, "steps": nfe, "nfe": nfe, "rel_error": error, **extra}
+        stats = {"mean": 0.01, "stddev": 0.0, "min": 0.01, "max": 0.01, "rounds": 1}
+        return {"name": f"x[{label}-{nfe}]", "group": f"{group}-{study}", "extra_info": info, "stats": stats}
+
+    search = {"search_calls": 96000, "search_seconds": 125.0, "proxy_error": 0.0466, "rank_correlation": 0.88}
+    run = {"seed": 0, "plain_error": 0.05, "predictor_error": 0.04, "plain_calls": 1000, "held_out_plain": 0.06}
+    run.update(predictor_calls_to_match=400, saved=0.6, rank_correlation=0.85, held_out_predictor=0.05)
+    predictor = {"name": "p", "group": "search-predictor", "extra_info": {"study": "digits", "runs": [run]}}
+    predictor["stats"] = {"mean": 1.0, "stddev": 0.0, "min": 1.0, "max": 1.0, "rounds": 1}
+    doc = {
+        "machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"},
+        "benchmarks": [
+            bench("digits", "dpmpp_2m", 5, 0.0876, fd=3.25, accuracy=0.9),
+            bench("digits", "usf_shipped", 5, 0.0458, fd=1.5, accuracy=0.95, chosen="olss", **search),
+            bench("digits", "dpmpp_2m", 20, 0.0205, fd=1.0, accuracy=0.97),
+            predictor,
+        ],
+    }
+    out = _render(tmp_path, doc)
+    text = (out / "search_quality.md").read_text()
+    assert "## digits" in text and "## gmm" not in text
+    assert "| usf_shipped | 4.58e-02 | — |" in text and "| dpmpp_2m | 8.76e-02 | 2.05e-02 |" in text
+    assert "| usf_shipped | 1.50 | — |" in text  # the FD table
+    assert "| digits | 5 | 96,000 | 125 s | 0.0466 | OLSS refit | 0.0458 | 0.88 |" in text
+    assert "| digits | 0 | 0.05 (0.06) | 0.04 (0.05) | 1,000 | 400 | 60% | 0.85 |" in text
+    assert (out / "search_quality.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
     def bench(group, extra, median=0.01):
         stats = {"mean": median, "median": median, "stddev": 0.0, "min": median, "max": median, "rounds": 1}

@@ -36,6 +36,10 @@ OLSS_VARIANTS = {
     "olss_planned_open": ("planned", False),
 }
 BASELINES = ("ddim", "dpmpp_2m", "unipc_bh2", "deis")
+# the search's labels (bench/test_search_quality.py): GITS's tuned times with a solver's steps,
+# a search run here ("usf_search", the GMM) and the model's shipped searched plans
+GITS = {"gits_dpmpp_2m": "dpmpp_2m", "gits_unipc_bh2": "unipc_bh2"}
+SEARCH_TEACHER = "dpmpp_2m:100"
 STEPS = (3, 4, 5, 6, 7, 8, 9, 10, 20)
 REFERENCE_STEPS = 1000
 # the reference solver for each end level a plan can have: (out_sigma == 0, out_sigma > 0)
@@ -54,6 +58,9 @@ class Study:
     _traj: Trajectories | None = None
     _gram: object = None
     _paths: dict = field(default_factory=dict)
+    _search_traj: Trajectories | None = None
+    searches: dict = field(default_factory=dict)  # nfe -> SearchResult of "usf_search"
+    search_budget: int = 200
 
     @property
     def schedule(self):
@@ -87,6 +94,31 @@ class Study:
             self._gram = olss.teacher_gram(self._traj, 5)
         return self._traj
 
+    def search_trajectories(self) -> Trajectories:
+        """The search's teacher (its grid is the candidates' times) on the calibration set."""
+        if self._search_traj is None:
+            self._search_traj = teacher_trajectories(self.calibration, SEARCH_TEACHER, progress=False)
+        return self._search_traj
+
+    def searched(self, steps: int):
+        """`calibration.search` on the calibration set (cached per NFE), as the shipped plans are
+        made: the search scores 3/4 of the samples, the last 1/4 chooses between its plan and the
+        OLSS refit on its times (the result's `best_plan`)."""
+        from ..calibration import search as S
+
+        if steps not in self.searches:
+            self.searches[steps] = S.search(
+                self.calibration,
+                None,
+                steps,
+                teacher=SEARCH_TEACHER,
+                budget=self.search_budget,
+                samples=self.calibration.num_samples * 3 // 4,
+                refit="olss",
+                progress=False,
+            )
+        return self.searches[steps]
+
     def olss_plan(self, label: str, steps: int) -> StepPlan:
         kind, closed = OLSS_VARIANTS[label]
         traj = self.trajectories()
@@ -104,10 +136,17 @@ class Study:
             return self.olss_plan(label, steps)
         if label == "teacher":
             return self.trajectories().teacher
-        if label == "olss_shipped":
-            if self.engine is None or steps not in self.engine.shipped_plans("olss"):
-                raise LookupError(f"{self.name} ships no OLSS plan for {steps} steps")
-            return self.engine.plan_for("olss", steps)
+        if label in ("olss_shipped", "usf_shipped"):
+            kind = label.partition("_")[0]
+            if self.engine is None or steps not in self.engine.shipped_plans(kind):
+                raise LookupError(f"{self.name} ships no {kind} plan for {steps} steps")
+            return self.engine.plan_for(kind, steps)
+        if label in GITS:
+            from ..calibration.search import gits_strategy
+
+            return gits_strategy(self.search_trajectories(), self.schedule, steps, GITS[label]).compile(self.schedule)
+        if label == "usf_search":
+            return self.searched(steps).best_plan
         return solvers.build_variant(label, self.schedule, steps)
 
     def measure(self, label: str, steps: int) -> tuple[dict, StepPlan]:
