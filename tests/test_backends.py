@@ -166,7 +166,7 @@ def test_captured_loop_never_reads_the_device_or_copies_to_it(graphed, monkeypat
     """What a CUDA graph cannot record: host reads (syncs) anywhere in the loop, and host->device
     copies inside the graph (its inputs are prepared before it). After the capture (warm-up) the
     emulated replays run the same Python as the capture did."""
-    graphed.sample(PROMPTS[:2], steps=5, seed=0)  # captured
+    graphed.sample(PROMPTS[:2], steps=5, seed=0, sampler="dpmpp_2m")  # captured
     denoiser = graphed.denoiser(PROMPTS[:2])
     x_T = graphed.initial_noise(2, seed=0)
     plan = graphed.plan_for("dpmpp_2m", 5)
@@ -354,7 +354,7 @@ def test_cuda_graph_backend_matches_eager_on_the_gpu():
 def test_captured_loop_has_no_host_sync_on_the_gpu():
     """Zero device->host synchronisations from the first UNet call to the final latent."""
     engine = fastdiff.build_engine("tiny-shapes", device="cuda", dtype=torch.float32, backend="cuda_graph")
-    engine.sample(PROMPTS, steps=5, seed=0)  # capture
+    engine.sample(PROMPTS, steps=5, seed=0, sampler="dpmpp_2m")  # capture
     denoiser = engine.denoiser(PROMPTS)
     x_T = engine.initial_noise(3, seed=0)
     plan = engine.plan_for("dpmpp_2m", 5)
