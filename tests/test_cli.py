@@ -80,6 +80,8 @@ COMMANDS = [
     ["sample"],
     ["calibrate"],
     ["search"],
+    ["choose"],
+    ["calibrate-gate"],
     ["export"],
 ]
 

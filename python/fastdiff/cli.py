@@ -1,4 +1,4 @@
-"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, search, calibrate-gate, export, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, search, choose, calibrate-gate, export, bench."""
 
 from __future__ import annotations
 
@@ -344,6 +344,30 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_choose(args) -> int:
+    from .calibration.choice import choose_default, save_choice
+    from .models.registry import build_engine
+
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    if args.out is None and engine.plans_dir is None:
+        raise ValueError(f"{engine.name} has no plans directory: give --out")
+    doc = choose_default(engine, args.steps, samples=args.samples, seed=args.seed, reference=args.reference)
+    doc["command"] = "fastdiff " + " ".join(args.argv)
+    kinds = list(dict.fromkeys(k for c in doc["choices"].values() for k in c["errors"]))
+    lines = ["| steps | " + " | ".join(kinds) + " | auto |", "|" + " --- |" * (len(kinds) + 2)]
+    for n, c in doc["choices"].items():
+        cells = [f"{c['errors'][k]:.4f}" if k in c["errors"] else "—" for k in kinds]
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {c['sampler']} |")
+    v = doc["validation"]
+    print(
+        f"{engine.name}: relative RMS error vs {v['reference']} on {v['samples']} validation samples (seed {v['seed']})"
+    )
+    print("\n".join(lines))
+    path = save_choice(doc, args.out or engine.plans_dir / "auto.json")
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -625,6 +649,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate candidates on this Ray cluster (e.g. 10.0.0.1:6379; 'local' starts one on this machine)",
     )
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "choose",
+        help="measure the model's shipped plans (usf, olss) and DPM-Solver++(2M) for each step count on validation "
+        "prompts and noise no calibration used, against a many-step run, and write what sampler='auto' picks",
+        description="Measures every shipped calibrated plan of the model and DPM-Solver++(2M) at each step count on "
+        "validation prompts and noise, against a many-step reference run from the same noise, and writes the best "
+        "per step count with the plans' hashes to plans/auto.json, which sampler='auto' (the default) follows. An "
+        "entry whose plans have changed since is not used.",
+    )
+    _model_options(p)
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="step counts (default: all with a shipped plan)")
+    p.add_argument("--samples", type=int, default=32, help="validation prompts from the model's grammar (default 32)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=3,
+        help="seed of the validation prompts and noise (default 3; calibration uses 0, the benches 1 and 2)",
+    )
+    p.add_argument("--reference", default="dpmpp_2m:500", help="the reference run (default dpmpp_2m:500)")
+    p.add_argument("--out", default=None, help="where to write (default: the model's plans/auto.json)")
+    p.set_defaults(func=cmd_choose)
 
     p = sub.add_parser(
         "calibrate-gate",

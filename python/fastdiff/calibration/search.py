@@ -418,17 +418,23 @@ class Evaluator:
         return {"error": value, "reason": None, "calls": calls}
 
     def error_of(self, plan: StepPlan) -> float:
-        program = compile_program(plan)
-        err = ref = 0.0
-        for start in range(0, self.ids.size, self.batch_size):
-            ids = self.ids[start : start + self.batch_size]
-            x_T = self.source.x_T[torch.as_tensor(ids)]
-            x = reference.run(program, self.source.model(ids), x_T).latents
-            x = x.reshape(ids.size, -1).double().cpu()
-            target = self.target[start : start + ids.size]
-            err += float(((x - target) ** 2).sum())
-            ref += float((target**2).sum())
-        return math.sqrt(err / ref)
+        return plan_error(self.source, self.ids, self.target, plan, self.batch_size)
+
+
+def plan_error(source: Source, ids: np.ndarray, target: torch.Tensor, plan: StepPlan, batch_size: int = 64) -> float:
+    """Relative RMS error of `plan`'s results from the samples `ids` of `source` against `target`
+    (float64 [len(ids), D], e.g. a teacher's results), pooled over the samples."""
+    program = compile_program(plan)
+    err = ref = 0.0
+    for start in range(0, ids.size, batch_size):
+        batch = ids[start : start + batch_size]
+        x_T = source.x_T[torch.as_tensor(batch)]
+        x = reference.run(program, source.model(batch), x_T).latents
+        x = x.reshape(batch.size, -1).double().cpu()
+        t = target[start : start + batch.size]
+        err += float(((x - t) ** 2).sum())
+        ref += float((t**2).sum())
+    return math.sqrt(err / ref)
 
 
 _WORKER: Evaluator | None = None

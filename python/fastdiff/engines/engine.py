@@ -197,14 +197,37 @@ class Engine:
 
     def resolve_sampler(self, sampler: str | None, steps: int) -> str:
         """The sampler a request runs: `sampler` (None: the engine's), with "auto" resolved to the
-        best plan the model ships for `steps` calls (searched "usf", else "olss"), else DPM-Solver++(2M)."""
+        best plan the model has for `steps` calls: the one plans/auto.json measured best on
+        validation samples, else the first shipped of "usf" (searched), "olss", else DPM-Solver++(2M)."""
         sampler = sampler or self.sampler
         if sampler != AUTO:
             return sampler
+        chosen = self._measured_choice(steps)
+        if chosen is not None:
+            return chosen
         for kind in CALIBRATED:
             if steps in self.shipped_plans(kind):
                 return kind
         return FALLBACK
+
+    def _measured_choice(self, steps: int) -> str | None:
+        """The sampler plans/auto.json chose for `steps` on validation samples
+        (`fastdiff.calibration.choice`), if the plans it compared are still the ones shipped."""
+        path = None if self.plans_dir is None else self.plans_dir / "auto.json"
+        if path is None or not path.is_file():
+            return None
+        from ..calibration.choice import load_choice
+
+        entry = load_choice(path)["choices"].get(str(steps))
+        if entry is None:
+            return None
+        for kind, digest in entry["hashes"].items():
+            try:
+                if self.plan_for(kind, steps).hash() != digest:
+                    return None
+            except ValueError:  # a plan it compared is no longer shipped
+                return None
+        return entry["sampler"]
 
     def plan_for(self, sampler: str, steps: int) -> StepPlan:
         """The plan of sampler at steps on this model's schedule (cached per (sampler, steps)).
