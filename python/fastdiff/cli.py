@@ -1,4 +1,5 @@
-"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, search, choose, calibrate-gate, export, bench."""
+"""The ``fastdiff`` command line: sample, info, solvers, plan, calibrate, search, choose, calibrate-gate, export,
+bench."""
 
 from __future__ import annotations
 
