@@ -43,7 +43,7 @@ install: torch
 DEMO_PROMPT ?= a red circle on a blue background
 
 demo: install
-	$(PY) -m fastdiff.cli sample "$(DEMO_PROMPT)" --model tiny-shapes --steps 20 --seed 0 --scale 8 --out demo/tiny-shapes.png
+	$(PY) -m fastdiff.cli sample "$(DEMO_PROMPT)" --model tiny-shapes --steps 5 --seed 0 --scale 8 --out demo/tiny-shapes.png
 
 # The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
 # the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is

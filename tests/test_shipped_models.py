@@ -3,6 +3,8 @@ never skipped). Quality is measured by bench/; the thresholds here sit just unde
 measured at these settings (adherence 1.0 on 24 scenes, digits accuracy 1.0 on 50 images:
 torch 2.13.0+cpu, 2-core Intel Xeon), so a real regression of one or two images fails."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,3 +65,33 @@ def test_shipped_olss_plans_are_calibrated_for_their_model(name):
     prompts = ["3", "7"] if name == "digits" else ["a red circle on a blue background"] * 2
     out = engine.sample(prompts, steps=5, sampler="olss", seed=0)
     assert out.nfe == [5] * len(out.prompts) and torch.isfinite(out.latents).all()
+
+
+@pytest.mark.parametrize("name", ["tiny-shapes", "digits"])
+def test_shipped_usf_plans_are_searched_for_their_model_and_the_default_picks_the_best(name):
+    engine = _engine(name)
+    assert engine.shipped_plans("usf") == [3, 4, 5, 6, 7, 8]
+    for steps in engine.shipped_plans("usf"):
+        plan = engine.plan_for("usf", steps)
+        info = plan.metadata["search"]
+        assert plan.nfe == steps and info["command"].startswith("fastdiff search")
+        assert info["model_calls"] > 0 and info["evaluated"] > 30 and 0 < info["proxy_error"] < 1
+    # the default sampler ("auto"): the shipped plan measured best on validation samples
+    # (plans/auto.json, made by `fastdiff choose`, current for every shipped plan), else DPM-Solver++(2M)
+    assert engine.sampler == "auto"
+    choice = json.loads((engine.plans_dir / "auto.json").read_text())
+    assert choice["command"].startswith(f"fastdiff choose --model {name}")
+    counts = sorted(set(engine.shipped_plans("usf")) | set(engine.shipped_plans("olss")))
+    assert sorted(map(int, choice["choices"])) == counts
+    for n, c in choice["choices"].items():
+        assert c["sampler"] == min(c["errors"], key=c["errors"].get)
+        assert engine.resolve_sampler(None, int(n)) == c["sampler"]  # no entry is stale
+    prompts = ["3", "7"] if name == "digits" else ["a red circle on a blue background"] * 2
+    for steps in (5, 10, 20):
+        solver = choice["choices"][str(steps)]["sampler"] if str(steps) in choice["choices"] else "dpmpp_2m"
+        assert engine.resolve_sampler("auto", steps) == solver
+        out = engine.sample(prompts, steps=steps, seed=0)
+        assert out.plan.metadata["solver"] == solver and out.plan.nfe == steps
+    assert out.plan.hash() == engine.plan_for("dpmpp_2m", 20).hash()
+    with pytest.raises(ValueError, match=f"ships no usf plan for 20 steps.*fastdiff search --model {name} --nfe 20"):
+        engine.sample(prompts, steps=20, sampler="usf")
