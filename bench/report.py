@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"final one; ρ: Spearman correlation on held-out strategies (5-fold).\n\n{predictor_table(benchmarks)}"
             )
         parts.append(f"Machine: {where}.")
-        olss_plot(benchmarks, args.out / "search_quality.png", "search-quality", ("usf", "olss"))
+        olss_plot(benchmarks, args.out / "search_quality.png", "search-quality", ("usf", "olss", "auto"))
         _write(args.out / "search_quality.md", "\n\n".join(parts) + "\n", args.out / "search_quality.png")
     rows = gate_rows(benchmarks)
     if rows:

@@ -6,10 +6,11 @@ iPNDM and GITS's tuned times at NFE 3-10, on samples held out from the search.
   budget 200, 96 x_T scored, the other 32 choose between the searched plan and the OLSS refit on
   its times, as for the shipped plans), "olss_uniform_closed" OLSS (its best variant on the GMM)
   on the same x_T.
-- tiny-shapes, digits: the shipped plans (engines/<model>/plans: usf-N.json searched — the searched plan
-  or the OLSS refit on its times, whichever did better on held-out calibration samples —,
-  olss-N.json calibrated); reference = a 1000-step run from the same x_T; 32 held-out prompts and noise. Plus
-  prompt adherence of 64 held-out prompts (tiny-shapes), classifier accuracy and feature Fréchet
+- tiny-shapes, digits: the shipped plans (engines/<model>/plans: usf-N.json searched — the
+  searched plan or the OLSS refit on its times, whichever did better on held-out calibration
+  samples —, olss-N.json calibrated), and "auto": what engine.sample(prompt, steps=N) runs
+  (plans/auto.json's choice, made on validation samples of seed 3); reference = a 1000-step run
+  from the same x_T; 32 held-out prompts and noise (seed 1). Plus prompt adherence of 64 held-out prompts (tiny-shapes), classifier accuracy and feature Fréchet
   distance of 200 samples (digits, 20 per class, held-out noise).
 - test_predictor_savings: the search with and without the ranking predictor, same seed and
   budget: model calls the predictor run needs to reach the plain run's final result.
@@ -28,8 +29,8 @@ NFES = (3, 4, 5, 6, 7, 8, 9, 10)
 BASE = ("dpmpp_2m", "unipc_bh2", "ipndm", *oq.GITS)
 LABELS = {
     "gmm": (*BASE, "olss_uniform_closed", "usf_search"),
-    "tiny-shapes": (*BASE, "olss_shipped", "usf_shipped"),
-    "digits": (*BASE, "olss_shipped", "usf_shipped"),
+    "tiny-shapes": (*BASE, "olss_shipped", "usf_shipped", "auto"),
+    "digits": (*BASE, "olss_shipped", "usf_shipped", "auto"),
 }
 CASES = [(s, label, n) for s, labels in LABELS.items() for label in labels for n in NFES]
 CASES += [(s, "dpmpp_2m", 20) for s in LABELS]  # the 20-call line the 5-call plans aim at

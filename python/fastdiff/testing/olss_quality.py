@@ -141,6 +141,10 @@ class Study:
             if self.engine is None or steps not in self.engine.shipped_plans(kind):
                 raise LookupError(f"{self.name} ships no {kind} plan for {steps} steps")
             return self.engine.plan_for(kind, steps)
+        if label == "auto":  # what engine.sample(prompt, steps=N) runs
+            if self.engine is None:
+                raise LookupError(f"{self.name} has no engine: no sampler='auto'")
+            return self.engine.plan_for("auto", steps)
         if label in GITS:
             from ..calibration.search import gits_strategy
 
