@@ -10,8 +10,9 @@ iPNDM and GITS's tuned times at NFE 3-10, on samples held out from the search.
   searched plan or the OLSS refit on its times, whichever did better on held-out calibration
   samples —, olss-N.json calibrated), and "auto": what engine.sample(prompt, steps=N) runs
   (plans/auto.json's choice, made on validation samples of seed 3); reference = a 1000-step run
-  from the same x_T; 32 held-out prompts and noise (seed 1). Plus prompt adherence of 64 held-out prompts (tiny-shapes), classifier accuracy and feature Fréchet
-  distance of 200 samples (digits, 20 per class, held-out noise).
+  from the same x_T; 32 held-out prompts and noise (seed 1). Plus prompt adherence of 64
+  held-out prompts (tiny-shapes), classifier accuracy and feature Fréchet distance of 200
+  samples (digits, 20 per class, held-out noise).
 - test_predictor_savings: the search with and without the ranking predictor, same seed and
   budget: model calls the predictor run needs to reach the plain run's final result.
 
