@@ -216,7 +216,7 @@ class Engine:
         path = None if self.plans_dir is None else self.plans_dir / "auto.json"
         if path is None or not path.is_file():
             return None
-        from ..calibration.choice import load_choice
+        from .choice import load_choice
 
         entry = load_choice(path)["choices"].get(str(steps))
         if entry is None:
