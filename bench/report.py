@@ -195,6 +195,8 @@ def search_cost_table(benchmarks: list[dict]) -> str:
         r = b["extra_info"]
         if not b.get("group", "").startswith("search-quality-") or "search_calls" not in r:
             continue
+        if not r["label"].startswith("usf"):  # "auto" repeats the searched plans it picked
+            continue
         secs = "—" if r.get("search_seconds") is None else f"{r['search_seconds']:.0f} s"
         rho = "—" if r.get("rank_correlation") is None else f"{r['rank_correlation']:.2f}"
         kind = {"olss": "OLSS refit", "search": "searched"}.get(r.get("chosen"), "searched")
