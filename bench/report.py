@@ -170,7 +170,7 @@ def olss_plot(benchmarks: list[dict], path: Path, group: str = "olss-quality", h
         ax.set_ylabel("relative RMS error vs reference")
         ax.set_title(study)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=7)  # each study has its own methods
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
