@@ -17,6 +17,10 @@ def test_info_reports_features_and_reasons(capsys):
     for name in ("torch", "CUDA", "C++ extension", "Triton", "TensorRT", "NVML"):
         assert name in out
     assert "[no ]" in out or "[yes]" in out
+    # the shipped models say which calibrated plans they carry and whether auto.json picks among them
+    for name in ("tiny-shapes", "digits"):
+        line = next(x for x in out.splitlines() if f"model {name}:" in x)
+        assert "usf plans for 3, 4, 5, 6, 7, 8 steps" in line and "olss plans for" in line and "auto.json" in line
 
 
 def test_solvers_lists_names_and_options(capsys):

@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=samplers,
         metavar="SAMPLER",
         help=f"solver or variant: {', '.join(samplers)} (usf: the model's shipped searched plans, olss: its calibrated "
-        "ones; auto, the default: the best plan the model ships for --steps, usf, else olss, else dpmpp_2m)",
+        "ones; auto, the default: the plan the model's plans/auto.json measured best for --steps, else the first "
+        "shipped of usf and olss, else dpmpp_2m; the plan run is printed)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")

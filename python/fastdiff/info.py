@@ -113,7 +113,19 @@ def _models() -> list[Feature]:
     out = []
     for name, marker in (("tiny-shapes", "model_index.json"), ("digits", "unet/config.json")):
         path = root / name / marker
-        out.append(Feature(f"model {name}", path.is_file(), str(path.parent) if path.is_file() else f"missing: {path}"))
+        detail = str(path.parent) if path.is_file() else f"missing: {path}"
+        plans = root / name / "plans"
+        if path.is_file() and plans.is_dir():
+            counts = {
+                kind: sorted(
+                    int(p.stem.rpartition("-")[2]) for p in plans.glob(f"{kind}-*.json") if p.stem[-1].isdigit()
+                )
+                for kind in ("usf", "olss")
+            }
+            shipped = "; ".join(f"{k} plans for {', '.join(map(str, v))} steps" for k, v in counts.items() if v)
+            auto = "auto.json chooses among them" if (plans / "auto.json").is_file() else "no auto.json"
+            detail += f" ({shipped}; {auto})" if shipped else ""
+        out.append(Feature(f"model {name}", path.is_file(), detail))
     sd21 = sd21_local()
     vocab = open_clip_bpe_path()
     detail = f"real weights in {sd21}" if sd21 else "no local weights (pass weights=<dir>)"
