@@ -18,7 +18,9 @@ DDIM) on several time schedules (uniform in t, uniform in λ, GITS), then genera
 of the best candidates. With `predictor=True` every generation proposes `proposals`× more
 mutants than it evaluates and a ranking predictor (gradient-boosted trees on the strategy's
 features, refitted on everything evaluated so far) chooses which ones the model scores; its
-5-fold cross-validated Spearman correlation on the evaluated strategies is reported.
+5-fold cross-validated Spearman correlation on the evaluated strategies is reported. With
+`refit="olss"` OLSS coefficients are also fitted (closed loop) on the best candidate's times, and
+the calibration samples the search did not score choose between the two (`SearchResult.best_plan`).
 
 Runs are reproducible and resumable: generation g draws from seed (seed, g) and proposes from the
 candidates of generations < g only, and a checkpoint (JSON lines: the settings, then one record
