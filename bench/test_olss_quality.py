@@ -11,19 +11,11 @@ held-out set with the plan. bench/report.py renders bench/results/olss_quality.{
 """
 
 import pytest
-import torch
 
 from fastdiff.testing import olss_quality as oq
 
 LABELS = ("teacher", *oq.BASELINES, *oq.OLSS_VARIANTS, "olss_shipped")
-_studies: dict = {}
-
-
-def _study(name: str, cpu_engine) -> oq.Study:
-    if name not in _studies:
-        torch.set_num_threads(2)
-        _studies[name] = oq.gmm_study() if name == "gmm" else oq.engine_study(cpu_engine(name))
-    return _studies[name]
+_study = oq.cached_study
 
 
 @pytest.mark.parametrize("steps", oq.STEPS, ids=lambda n: f"N{n}")

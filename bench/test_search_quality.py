@@ -21,7 +21,6 @@ bench/report.py renders bench/results/search_quality.{md,png}.
 
 import numpy as np
 import pytest
-import torch
 
 from fastdiff.testing import digits_accuracy, digits_fd, shapes_score
 from fastdiff.testing import olss_quality as oq
@@ -35,14 +34,7 @@ LABELS = {
 }
 CASES = [(s, label, n) for s, labels in LABELS.items() for label in labels for n in NFES]
 CASES += [(s, "dpmpp_2m", 20) for s in LABELS]  # the 20-call line the 5-call plans aim at
-_studies: dict = {}
-
-
-def _study(name: str, cpu_engine) -> oq.Study:
-    if name not in _studies:
-        torch.set_num_threads(2)
-        _studies[name] = oq.gmm_study() if name == "gmm" else oq.engine_study(cpu_engine(name))
-    return _studies[name]
+_study = oq.cached_study
 
 
 def _images_quality(study: oq.Study, plan) -> dict:

@@ -236,21 +236,29 @@ def cmd_calibrate_gate(args) -> int:
     return 0 if result.met else 1
 
 
-def cmd_calibrate(args) -> int:
-    import tempfile
-
-    from .calibration import olss
+def _calibration_inputs(args, counts: list[int], option: str):
+    """What calibrate and search share: the distinct step counts, --out (a directory when there are
+    several), the engine and the calibration prompts (--prompts, else --samples from the grammar)."""
     from .models.registry import build_engine, calibration_prompts
 
-    steps_list = list(dict.fromkeys(args.steps))
+    counts = list(dict.fromkeys(counts))
     out = Path(args.out)
-    if len(steps_list) > 1 and out.suffix == ".json":
-        raise ValueError(f"--out {out}: several --steps write one plan each, so --out must be a directory")
+    if len(counts) > 1 and out.suffix == ".json":
+        raise ValueError(f"--out {out}: several {option} write one plan each, so --out must be a directory")
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     else:
         prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
+    return counts, out, engine, prompts
+
+
+def cmd_calibrate(args) -> int:
+    import tempfile
+
+    from .calibration import olss
+
+    steps_list, out, engine, prompts = _calibration_inputs(args, args.steps, "--steps")
     ridge = args.ridge if args.ridge == "auto" else float(args.ridge)
     with tempfile.TemporaryDirectory(prefix="fastdiff-trajectories-") as scratch:
         # several step counts share one teacher run: the trajectories directory is reused
@@ -284,17 +292,8 @@ def cmd_search(args) -> int:
     import tempfile
 
     from .calibration.search import search
-    from .models.registry import build_engine, calibration_prompts
 
-    nfes = list(dict.fromkeys(args.nfe))
-    out = Path(args.out)
-    if len(nfes) > 1 and out.suffix == ".json":
-        raise ValueError(f"--out {out}: several --nfe write one plan each, so --out must be a directory")
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
-    if args.prompts:
-        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    else:
-        prompts = calibration_prompts(engine.name, args.samples, seed=args.seed)
+    nfes, out, engine, prompts = _calibration_inputs(args, args.nfe, "--nfe")
     with tempfile.TemporaryDirectory(prefix="fastdiff-trajectories-") as scratch:
         directory = args.trajectories or (scratch if len(nfes) > 1 else None)
         for nfe in nfes:

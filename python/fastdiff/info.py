@@ -106,6 +106,7 @@ def _nvcc(which=shutil.which) -> Feature:
 
 
 def _models() -> list[Feature]:
+    from .engines.engine import CALIBRATED, shipped_steps
     from .models.loading import engines_dir, sd21_local
     from .models.tokenizer import open_clip_bpe_path
 
@@ -116,12 +117,7 @@ def _models() -> list[Feature]:
         detail = str(path.parent) if path.is_file() else f"missing: {path}"
         plans = root / name / "plans"
         if path.is_file() and plans.is_dir():
-            counts = {
-                kind: sorted(
-                    int(p.stem.rpartition("-")[2]) for p in plans.glob(f"{kind}-*.json") if p.stem[-1].isdigit()
-                )
-                for kind in ("usf", "olss")
-            }
+            counts = {kind: shipped_steps(plans, kind) for kind in CALIBRATED}
             shipped = "; ".join(f"{k} plans for {', '.join(map(str, v))} steps" for k, v in counts.items() if v)
             auto = "auto.json chooses among them" if (plans / "auto.json").is_file() else "no auto.json"
             detail += f" ({shipped}; {auto})" if shipped else ""

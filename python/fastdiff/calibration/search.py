@@ -53,7 +53,7 @@ from ..schedules import data_prediction, noise_prediction
 from ..solvers.common import SolverError
 from ..solvers.usf import MAX_ORDER, RELAXATIONS, Grid, Step, Strategy, steps_to_dicts
 from .lstsq import CalibrationError
-from .trajectories import Source, Trajectories, make_source, teacher_trajectories
+from .trajectories import Source, Trajectories, differing_keys, make_source, teacher_trajectories
 
 FORMAT = "fastdiff.search"
 VERSION = 1
@@ -529,10 +529,9 @@ def _read_checkpoint(path: Path, header: dict) -> list[dict]:
     except ValueError as exc:
         raise CalibrationError(f"{path} is not a search checkpoint ({exc}): use another file or delete it") from exc
     if old != header:
-        differs = sorted(k for k in set(old) | set(header) if old.get(k) != header.get(k))
         raise CalibrationError(
-            f"{path} holds a search with other settings (differs in {', '.join(differs)}): it will not mix results; "
-            "use another checkpoint file or delete it"
+            f"{path} holds a search with other settings (differs in {differing_keys(old, header)}): it will not mix "
+            "results; use another checkpoint file or delete it"
         )
     records = []
     for n, line in enumerate(lines[1:], start=2):

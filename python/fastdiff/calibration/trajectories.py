@@ -166,6 +166,11 @@ def parse_teacher(teacher, schedule: DiscreteSchedule) -> StepPlan:
     return plan
 
 
+def differing_keys(old: dict, new: dict) -> str:
+    """The keys whose values differ between two settings records, for a refusal's message."""
+    return ", ".join(sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)))
+
+
 def _open(directory: Path, meta: dict, shapes: dict) -> tuple[dict, np.ndarray]:
     directory.mkdir(parents=True, exist_ok=True)
     meta_path = directory / "meta.json"
@@ -175,9 +180,8 @@ def _open(directory: Path, meta: dict, shapes: dict) -> tuple[dict, np.ndarray]:
         except ValueError as exc:
             raise CalibrationError(f"{meta_path} is corrupt ({exc}): delete {directory} to start over") from exc
         if old != meta:
-            differs = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
             raise CalibrationError(
-                f"{directory} holds trajectories of another calibration (differs in {', '.join(differs)}): "
+                f"{directory} holds trajectories of another calibration (differs in {differing_keys(old, meta)}): "
                 "use another directory or delete it"
             )
         mode = "r+"

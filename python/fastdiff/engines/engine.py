@@ -34,6 +34,20 @@ AUTO = "auto"  # the best plan the model has for the step count: a shipped CALIB
 FALLBACK = "dpmpp_2m"
 
 
+def shipped_steps(plans_dir: Path | None, kind: str) -> list[int]:
+    """Step counts N with a plans_dir/<kind>-N.json (a model's shipped "usf" or "olss" plans)."""
+    if plans_dir is None or not plans_dir.is_dir():
+        return []
+    steps = (p.stem.rpartition("-")[2] for p in plans_dir.glob(f"{kind}-*.json"))
+    return sorted(int(n) for n in steps if n.isdigit())
+
+
+def _stamp(path: Path) -> tuple:
+    """What changes when a file does: an engine rereads shipped settings only then."""
+    stat = path.stat()
+    return (str(path), stat.st_mtime_ns, stat.st_size)
+
+
 class NonFiniteError(FloatingPointError):
     """Sampling produced NaN or infinite latents."""
 
@@ -166,6 +180,7 @@ class Engine:
         self._plans: dict[tuple[str, int], StepPlan] = {}
         self._feature_cache = None  # FeatureCache, made on first use
         self._gates: dict[tuple[str, int], tuple] = {}  # (sampler, steps) -> (file stamp, gate_for's answer)
+        self._choices: dict[int, tuple] = {}  # steps -> (auto.json's stamp, _measured_choice's answer)
         self._notes: list[str] = []  # things that happened to the engine (fp16 fallbacks, ...)
         self.runner = Runner(self.backend, self.device, graph_mode=graph_mode, max_graphs=max_graphs)
         self.loop = loops.create(loop, device=self.device, dtype=dtype, graphs=self.runner.graphs)
@@ -212,10 +227,18 @@ class Engine:
 
     def _measured_choice(self, steps: int) -> str | None:
         """The sampler plans/auto.json chose for `steps` on validation samples
-        (`fastdiff.calibration.choice`), if the plans it compared are still the ones shipped."""
+        (`fastdiff.calibration.choice`), if the plans it compared are still the ones shipped. The
+        file is read once and again only when it changes (every "auto" request asks)."""
         path = None if self.plans_dir is None else self.plans_dir / "auto.json"
         if path is None or not path.is_file():
             return None
+        stamp = _stamp(path)
+        cached = self._choices.get(steps)
+        if cached is None or cached[0] != stamp:
+            self._choices[steps] = (stamp, self._read_choice(path, steps))
+        return self._choices[steps][1]
+
+    def _read_choice(self, path: Path, steps: int) -> str | None:
         from .choice import load_choice
 
         entry = load_choice(path)["choices"].get(str(steps))
@@ -246,10 +269,7 @@ class Engine:
 
     def shipped_plans(self, kind: str = "olss") -> list[int]:
         """Step counts with a shipped `kind` plan ("usf" or "olss")."""
-        if self.plans_dir is None or not self.plans_dir.is_dir():
-            return []
-        steps = (p.stem.rpartition("-")[2] for p in self.plans_dir.glob(f"{kind}-*.json"))
-        return sorted(int(n) for n in steps if n.isdigit())
+        return shipped_steps(self.plans_dir, kind)
 
     def _shipped_plan(self, kind: str, steps: int) -> StepPlan:
         path = self.plans_dir / f"{kind}-{steps}.json" if self.plans_dir is not None else None
@@ -284,8 +304,7 @@ class Engine:
         path = None if self.gates_dir is None else self.gates_dir / f"{sampler}-{steps}.json"
         if path is None or not path.is_file():
             return None
-        stat = path.stat()
-        stamp = (str(path), stat.st_mtime_ns, stat.st_size)
+        stamp = _stamp(path)
         cached = self._gates.get((sampler, steps))
         if cached is not None and cached[0] == stamp:
             return cached[1]

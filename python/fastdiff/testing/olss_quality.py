@@ -162,6 +162,18 @@ class Study:
         return row, plan
 
 
+_STUDIES: dict = {}
+
+
+def cached_study(name: str, cpu_engine) -> Study:
+    """The benches' study of `name` ("gmm", or a model built by `cpu_engine(name)`), made once per
+    process on 2 threads (bench/test_olss_quality.py and bench/test_search_quality.py share it)."""
+    if name not in _STUDIES:
+        torch.set_num_threads(2)
+        _STUDIES[name] = gmm_study() if name == "gmm" else engine_study(cpu_engine(name))
+    return _STUDIES[name]
+
+
 def gmm_study(calibration_samples: int = 128, teacher: str = "ddim:1000", dim: int = 64) -> Study:
     """The GMM of the solver-quality table (held-out x_T are its 64 samples)."""
     from .gmm import exact_result
