@@ -147,6 +147,21 @@ def test_calibrate_returns_a_plan_with_its_calibration_record(problem, source):
     assert plan.schedule_fingerprint == problem.schedule.fingerprint
 
 
+def test_closed_loop_fit_on_some_samples_is_the_fit_of_those_samples(problem, source, traj):
+    path = [0, 9, 20, 31]
+    part = olss.fit(traj, path, closed_loop=True, source=source, samples=np.arange(20)).plan
+    small = FunctionSource(source.model_fn, source.schedule, source.x_T[:20], name="gmm")
+    alone = olss.fit(teacher_trajectories(small, "ddim:40", progress=False), path, closed_loop=True, source=small).plan
+    np.testing.assert_allclose(part.coef, alone.coef, rtol=1e-6, atol=1e-9)
+    assert part.metadata["calibration"]["samples"] == 20
+    full = olss.fit(traj, path, closed_loop=True, source=source).plan
+    assert not np.allclose(full.coef, part.coef)  # the other 20 samples do change the fit
+    with pytest.raises(ValueError, match="closed-loop fit"):
+        olss.fit(traj, path, samples=np.arange(20))
+    with pytest.raises(ValueError, match="indices into the 40"):
+        olss.fit(traj, path, closed_loop=True, source=source, samples=np.arange(35, 45))
+
+
 def test_trajectories_resume_after_an_interruption(source, tmp_path):
     calls = {"n": 0}
 

@@ -208,6 +208,7 @@ def test_invalid_candidates_are_rejected_with_the_step_and_the_reason(gmm):
         ({"budget": 0}, "budget must be"),
         ({"refit": "lsq"}, "refit must be"),
         ({"per_generation": 0}, "per_generation must be"),
+        ({"refit_candidates": 0}, "refit_candidates must be"),
         ({"samples": 99}, "samples must be in 1..32"),
     ],
 )
@@ -220,11 +221,27 @@ def test_bad_search_settings(gmm, kwargs, match):
 
 def test_olss_refit_on_the_searched_times(gmm):
     problem = gmm[0]
+    # one candidate: the refit is on the best candidate's times (the first call: the teacher's first)
+    res = _search(gmm, nfe=4, budget=30, refit="olss", refit_candidates=1)
+    assert list(res.refit_plan.times[1:]) == list(res.plan.times[1:])
+    assert len(res.refit_plan.metadata["search"]["refit_candidates"]) == 1
     res = _search(gmm, nfe=4, budget=30, refit="olss")
     refit = res.refit_plan
     assert refit.metadata["solver"] == "usf" and refit.metadata["search"]["refit"] == "olss" and refit.num_calls == 4
-    assert list(refit.times[1:]) == list(res.plan.times[1:])  # the searched times (the first: the teacher's first)
-    assert res.refit_error is not None and math.isfinite(_held_out_error(problem, refit))
+    # the best refit of the best 8 candidates with distinct times, each fitted and scored on the search's samples
+    tried = refit.metadata["search"]["refit_candidates"]
+    valid = sorted((r for r in res.history if r["error"] is not None), key=lambda r: (r["error"], r["key"]))
+    paths = []  # the calls' times of the candidates, best first (AFS: its first call moves to the teacher's first)
+    for r in valid:
+        g = S.Genome.from_dict(r["genome"])
+        p = [0, *g.idx[2:]] if g.afs else [0, *g.idx[1:]]
+        if p not in paths and all(b > a for a, b in zip(p, p[1:])):
+            paths.append(p)
+    assert len(paths) > 1 and [p for p, _ in tried] == paths[:8]
+    assert res.refit_error == min(e for _, e in tried)
+    path = next(p for p, e in tried if e == res.refit_error)
+    assert refit.metadata["calibration"]["path"] == path and refit.metadata["calibration"]["samples"] == 32
+    assert math.isfinite(_held_out_error(problem, refit))
     # all 32 samples were searched: the choice between the two is in-sample, and says so
     v = res.validation
     assert v["samples"] == 32 and not v["held_out"] and v["olss"] == pytest.approx(res.refit_error, rel=1e-9)
@@ -232,6 +249,7 @@ def test_olss_refit_on_the_searched_times(gmm):
     # with 8 of the samples held out the choice is made on them
     res = _search(gmm, nfe=4, budget=30, refit="olss", samples=24)
     assert res.validation["samples"] == 8 and res.validation["held_out"]
+    assert res.refit_plan.metadata["calibration"]["samples"] == 24  # the held-out samples judge, never fit
 
 
 def test_cli_search_writes_a_plan_per_nfe_and_resumes(tmp_path, capsys):

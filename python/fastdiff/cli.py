@@ -310,6 +310,7 @@ def cmd_search(args) -> int:
                 seed=args.seed,
                 predictor=not args.no_predictor,
                 refit=args.refit,
+                refit_candidates=args.refit_candidates,
                 checkpoint=checkpoint,
                 trajectories=directory,
                 workers=args.workers,
@@ -627,9 +628,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--refit",
         choices=("olss",),
         default=None,
-        help="olss: also fit OLSS coefficients (closed loop) on the best candidate's times; --out gets whichever "
-        "of the two has the lower error on the calibration samples the search did not score (see --search-samples; "
+        help="olss: also fit OLSS coefficients (closed loop, on the samples the search scored) on the times of the "
+        "best candidates (see --refit-candidates) and keep the best refit; --out gets whichever of it and the searched "
+        "plan has the lower error on the calibration samples the search did not score (see --search-samples; "
         "in-sample when it scored all), the other goes to <out>.searched.json or <out>.olss.json",
+    )
+    p.add_argument(
+        "--refit-candidates",
+        type=int,
+        default=8,
+        metavar="K",
+        help="with --refit olss: refit the K best candidates with distinct times, each costing about one candidate's "
+        "model calls (default 8)",
     )
     p.add_argument(
         "--checkpoint",

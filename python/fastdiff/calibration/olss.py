@@ -351,26 +351,36 @@ def fit(
     batch_size: int = 16,
     progress: bool = False,
     gram: GramAccumulator | None = None,
+    samples=None,
 ) -> OLSSFit:
     """Fit the rows of an OLSS plan whose calls are at teacher indices `path` (see module doc).
 
-    closed_loop needs `source` (the model) to run the student's own calls.
+    closed_loop needs `source` (the model) to run the student's own calls. samples: the
+    calibration samples to fit on (indices; default all; closed loop only), so that the others
+    can judge the fit.
     """
     m = traj.num_teacher_steps
     n = len(path)
     if n < 1 or path[0] != 0 or any(b <= a for a, b in zip(path, path[1:])) or path[-1] >= m:
         raise ValueError(f"path must start at 0 and increase strictly below {m}, got {path}")
+    if samples is not None:
+        if not closed_loop:
+            raise ValueError("samples=... selects the samples of a closed-loop fit (closed_loop=True)")
+        samples = np.asarray(samples, dtype=np.int64)
+        if samples.ndim != 1 or samples.size < 1 or samples.min() < 0 or samples.max() >= traj.num_samples:
+            raise ValueError(f"samples must be indices into the {traj.num_samples} calibration samples")
+    count = traj.num_samples if samples is None else int(samples.size)
     need = needed_samples(n, traj.latents.shape[2], ridge)
-    if traj.num_samples < need:
+    if count < need:
         raise CalibrationError(
             f"OLSS with {n} steps fits up to {n + 1} coefficients per row: it needs at least {need} calibration "
-            f"samples, got {traj.num_samples}"
+            f"samples, got {count}"
         )
-    folds = max(1, min(folds, traj.num_samples))
+    folds = max(1, min(folds, count))
     if closed_loop:
         if source is None:
             raise ValueError("closed_loop=True needs the model (source=...) to run the student's own calls")
-        fits = _fit_closed(traj, path, ridge, folds, source, batch_size, progress)
+        fits = _fit_closed(traj, path, ridge, folds, source, batch_size, progress, samples=samples)
     else:
         fits = _fit_open(traj, path, ridge, gram or teacher_gram(traj, folds))
     coef = _plan_coef(fits)
@@ -397,7 +407,7 @@ def fit(
                 "closed_loop": bool(closed_loop),
                 "ridge": ridge if ridge == "auto" else float(ridge),
                 "folds": folds,
-                "samples": traj.num_samples,
+                "samples": count,
                 "rows": rows,
             },
         },

@@ -19,8 +19,10 @@ of the best candidates. With `predictor=True` every generation proposes `proposa
 mutants than it evaluates and a ranking predictor (gradient-boosted trees on the strategy's
 features, refitted on everything evaluated so far) chooses which ones the model scores; its
 5-fold cross-validated Spearman correlation on the evaluated strategies is reported. With
-`refit="olss"` OLSS coefficients are also fitted (closed loop) on the best candidate's times, and
-the calibration samples the search did not score choose between the two (`SearchResult.best_plan`).
+`refit="olss"` OLSS coefficients are also fitted (closed loop, on the search's samples) on the
+times of the few best candidates with distinct times, the refit best on those samples is kept, and
+the calibration samples the search did not score choose between it and the searched plan
+(`SearchResult.best_plan`).
 
 Runs are reproducible and resumable: generation g draws from seed (seed, g) and proposes from the
 candidates of generations < g only, and a checkpoint (JSON lines: the settings, then one record
@@ -609,6 +611,7 @@ def search(
     per_generation: int = 8,
     proposals: int = 8,
     refit: str | None = None,
+    refit_candidates: int = 8,
     checkpoint=None,
     trajectories=None,
     workers: int | None = None,
@@ -626,8 +629,11 @@ def search(
     budget: candidates evaluated in all (the seeds included); each costs nfe × samples model calls.
     samples: the calibration samples the proxy runs on (default all). predictor: rank
     `proposals` × `per_generation` mutants per generation and evaluate the best `per_generation`
-    (False: evaluate `per_generation` random mutants). refit="olss": also fit OLSS coefficients on
-    the best candidate's times (closed loop; `refit_plan`). checkpoint: a JSON-lines file to resume
+    (False: evaluate `per_generation` random mutants). refit="olss": also fit OLSS coefficients
+    (closed loop, on the search's samples) on the times of the best `refit_candidates` candidates
+    with distinct times and keep the refit with the lowest error on those samples (`refit_plan`);
+    the times the search ranks best are not always the ones OLSS's free coefficients use best.
+    checkpoint: a JSON-lines file to resume
     from and append to. trajectories: keep the teacher's run in this directory (resumable).
     workers: processes evaluating candidates (default: the CPU count for a CPU model, else 1);
     ray_address: evaluate on this Ray cluster instead ("local" starts one on this machine).
@@ -636,7 +642,12 @@ def search(
         raise ValueError(f"budget must be a number of candidates >= 1, got {budget!r}")
     if refit not in (None, "olss"):
         raise ValueError(f"refit must be None or 'olss', got {refit!r}")
-    for name, value in (("parents", parents), ("per_generation", per_generation), ("proposals", proposals)):
+    for name, value in (
+        ("parents", parents),
+        ("per_generation", per_generation),
+        ("proposals", proposals),
+        ("refit_candidates", refit_candidates),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     source = make_source(model_or_engine, calibration_set, seed=seed, schedule=schedule, guidance_scale=guidance_scale)
@@ -751,9 +762,11 @@ def search(
         strategy, plan, valid[0]["error"], history, calls, seconds, info["rank_correlation"], settings=settings
     )
     if refit == "olss":
-        result.refit_plan, result.refit_error = _refit(traj, best, space, source, evaluator, progress)
+        result.refit_plan, result.refit_error, tried = _refit(
+            traj, valid, refit_candidates, source, evaluator, progress
+        )
         result.validation = _validate(result, source, space, traj, n, batch_size)
-        info = {**info, "refit": "olss", "validation": result.validation}
+        info = {**info, "refit": "olss", "refit_candidates": tried, "validation": result.validation}
         result.plan = result.plan.with_metadata(search=info)
         result.refit_plan = result.refit_plan.with_metadata(solver="usf", search=info)
     return result
@@ -770,13 +783,30 @@ def _validate(result: SearchResult, source: Source, space: Space, traj, n: int, 
     return {"samples": int(ids.size), "held_out": held_out, **errors, "chosen": chosen}
 
 
-def _refit(traj, best: Genome, space: Space, source: Source, evaluator: Evaluator, progress: bool):
-    """OLSS rows (closed loop) on the calls' times of the best candidate (with AFS: its first call
-    moves to the teacher's first point, where OLSS's basis starts)."""
+def _refit(traj, valid: list[dict], k: int, source: Source, evaluator: Evaluator, progress: bool):
+    """OLSS rows (closed loop, fitted on the evaluator's samples) on the calls' times of each of
+    the best `k` candidates with distinct times (with AFS: the first call moves to the teacher's
+    first point, where OLSS's basis starts); returns the refit with the lowest error on those
+    samples, its error, and [path, error] for every refit tried."""
+    from tqdm.auto import tqdm
+
     from . import olss
 
-    path = list(best.idx[1:]) if best.afs else list(best.idx)
-    path[0] = 0
-    fitted = olss.fit(traj, path, closed_loop=True, source=source, progress=progress).plan
-    err = evaluator.error_of(fitted)
-    return fitted, err
+    paths: list[list[int]] = []
+    for r in valid:
+        g = Genome.from_dict(r["genome"])
+        path = [0, *g.idx[2:]] if g.afs else [0, *g.idx[1:]]
+        if all(b > a for a, b in zip(path, path[1:])) and path not in paths:
+            paths.append(path)
+        if len(paths) == k:
+            break
+    best, tried = None, []
+    for path in tqdm(paths, desc="OLSS refit", unit="plan", disable=not progress):
+        fitted = olss.fit(traj, path, closed_loop=True, source=source, samples=evaluator.ids).plan
+        err = evaluator.error_of(fitted)
+        tried.append([[int(i) for i in path], err])
+        if best is None or err < best[1]:
+            best = (fitted, err)
+    if best is None:
+        raise CalibrationError("no searched candidate has times an OLSS refit can use")
+    return best[0], best[1], tried

@@ -245,6 +245,10 @@ class Engine:
         if entry is None:
             return None
         for kind, digest in entry["hashes"].items():
+            # Shipped plans are files: bit-exact. A built solver's coefficients may differ in the last
+            # bit between machines (numpy's SIMD exp/log), so its hash is a record, not a check.
+            if kind not in CALIBRATED:
+                continue
             try:
                 if self.plan_for(kind, steps).hash() != digest:
                     return None
