@@ -21,7 +21,7 @@ LAYERS = [
     ("loops",),
     ("engines", "diffusers"),
     ("models",),
-    ("calibration",),
+    ("calibration", "distill"),
     ("testing", "export", "aoti"),
     ("info", "cli"),
     ("",),

@@ -369,6 +369,57 @@ def cmd_choose(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .distill import distill_guided
+    from .models.registry import build_engine
+
+    engine = build_engine(args.model, device=args.device, dtype=args.dtype or "float32", weights=args.weights)
+    if args.stage == "guided":
+        result = distill_guided(
+            engine,
+            args.out,
+            steps=args.train_steps,
+            batch=args.batch,
+            lr=args.lr,
+            w_range=(args.w_min, args.w_max),
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+        )
+        print(
+            f"guided student of {engine.name} (w in [{args.w_min:g}, {args.w_max:g}]): final loss "
+            f"{result.info['loss_final']:.4g}; wrote {result.directory} "
+            f"(the loss log: {result.directory}/run/log.jsonl)"
+        )
+        print(f"sample it: fastdiff sample --model {engine.name} --weights {result.directory} --guidance W")
+        return 0
+    from .distill.progressive import distill_progressive
+
+    if args.weights is None:
+        raise ValueError("--stage progressive distils a stage-1 student: give its directory as --weights DIR")
+    done = distill_progressive(
+        engine,
+        args.out,
+        start_steps=args.start_steps,
+        end_steps=args.end_steps,
+        steps_per_round=args.train_steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    for directory in done:
+        info = json.loads((directory / "fastdiff.json").read_text())["student"]
+        print(
+            f"{info['steps']}-step student (from {info['teacher_steps']}): final loss {info['loss_final']:.4g}; "
+            f"{directory}"
+        )
+    if done:
+        last = done[-1]
+        steps = json.loads((last / "fastdiff.json").read_text())["student"]["steps"]
+        print(f"sample it: fastdiff sample --model {engine.name} --weights {last} --steps {steps} --guidance W")
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -401,7 +452,12 @@ def _model_options(p, *, runtime: bool = True) -> None:
         default="tiny-shapes",
         help=f"{', '.join(KNOWN_MODELS)}, or a diffusers model directory (default: tiny-shapes)",
     )
-    p.add_argument("--weights", default=None, help="sd21: a diffusers directory with the weights, or 'random'")
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="the model's weights directory: sd21's diffusers weights or 'random'; a retrained model; or a student "
+        "that fastdiff distill wrote",
+    )
     if runtime:
         p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
         p.add_argument(
@@ -459,8 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=samplers,
         metavar="SAMPLER",
         help=f"solver or variant: {', '.join(samplers)} (usf: the model's shipped searched plans, olss: its calibrated "
-        "ones; auto, the default: the plan the model's plans/auto.json measured best for --steps, else the first "
-        "shipped of usf and olss, else dpmpp_2m; the plan run is printed)",
+        "ones, distilled: the plan a progressively distilled student (--weights) was trained for; auto, the default: "
+        "the plan the model's plans/auto.json measured best for --steps, else the first shipped of distilled, usf "
+        "and olss, else dpmpp_2m; the plan run is printed)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -682,6 +739,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default="dpmpp_2m:500", help="the reference run (default dpmpp_2m:500)")
     p.add_argument("--out", default=None, help="where to write (default: the model's plans/auto.json)")
     p.set_defaults(func=cmd_choose)
+
+    p = sub.add_parser(
+        "distill",
+        help="guided distillation (Meng et al. 2023): a student that takes the guidance weight as an input and "
+        "gives the guided output in one UNet call per step (--stage guided)",
+        description="Trains a student of the model's UNet and writes it as a model directory (sample it with "
+        "--weights DIR). The run keeps its settings, checkpoints and loss log in DIR/run/: run the same command "
+        "again to resume a killed run (the result is the same as an uninterrupted one); other settings in the same "
+        "DIR are refused.",
+    )
+    _model_options(p)
+    p.add_argument(
+        "--stage",
+        choices=("guided", "progressive"),
+        required=True,
+        help="guided: stage 1, a w-conditioned student of the model; progressive: stage 2, halve the DDIM steps of "
+        "the stage-1 student given as --weights, round after round (--start-steps → --end-steps)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="guided: the student's model directory (its run state in DIR/run/); progressive: a directory of one "
+        "student per round, DIR/steps-M/ (each a model directory with plans/distilled-M.json)",
+    )
+    p.add_argument(
+        "--train-steps", type=int, default=2000, help="optimizer steps (per round for progressive; default 2000)"
+    )
+    p.add_argument("--batch", type=int, default=64, help="training samples per step (default 64)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate, AdamW, cosine decay (default 1e-4)")
+    p.add_argument(
+        "--start-steps", type=int, default=64, help="progressive: the stage-1 student's DDIM steps (default 64)"
+    )
+    p.add_argument("--end-steps", type=int, default=1, help="progressive: the last round's steps (default 1)")
+    p.add_argument(
+        "--w-min", type=float, default=1.0, help="guided: smallest guidance weight trained on (default 1: none)"
+    )
+    p.add_argument("--w-max", type=float, default=5.0, help="guided: largest guidance weight trained on (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data, noise, w and new layers (default 0)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
         "calibrate-gate",

@@ -7,6 +7,8 @@ been called; `modules()` lists them (for weight-replacement guards and memory re
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .backends import Runner
@@ -73,6 +75,89 @@ class ClassConditioner:
     def encode(self, prompts: list[str], device, dtype) -> dict[str, torch.Tensor]:
         labels = torch.tensor([self.label(p) for p in prompts], dtype=torch.long, device=device)
         return {"class_labels": labels}
+
+
+def guidance_features(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of the guidance weight w ([B] -> [B, dim] float32), exactly as diffusers'
+    pipelines make them for a UNet with `time_cond_proj_dim` (get_guidance_scale_embedding of
+    w - 1: diffusers' guidance_scale w is 1 + the w of Meng et al. 2023, whose Fourier embedding of
+    w this is)."""
+    w = (w.float().reshape(-1) - 1) * 1000.0
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    emb = w[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ClassGuidanceEmbedding(torch.nn.Module):
+    """A class-conditional UNet2DModel student's conditioning vector: the teacher's class embedding
+    plus an MLP of w's sinusoidal features (zero at initialisation, so the student starts as the
+    teacher). The student's UNet takes it as `class_labels` (class_embed_type="identity"), i.e.
+    added to the time embedding, where Meng et al. 2023 (stage 1) put the embedding of w."""
+
+    def __init__(self, num_classes: int, dim: int, features: int = 256):
+        super().__init__()
+        self.config = {"num_classes": num_classes, "dim": dim, "features": features}
+        self.classes = torch.nn.Embedding(num_classes, dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(features, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        torch.nn.init.zeros_(self.mlp[2].weight)
+        torch.nn.init.zeros_(self.mlp[2].bias)
+
+    def forward(self, labels: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        feats = guidance_features(w, self.config["features"]).to(self.mlp[0].weight.dtype)
+        return self.classes(labels) + self.mlp(feats)
+
+
+class GuidanceConditioner:
+    """The conditioning of a guidance-distilled student (Meng et al. 2023, stage 1): the base
+    conditioner's tensors with the guidance weight w embedded, so that one UNet call per step
+    gives the guided output and w is chosen at sampling time. `embedding` is a
+    ClassGuidanceEmbedding (class-conditional UNet2DModel students: `class_labels` becomes its
+    vector), or None for a UNet2DConditionModel with `time_cond_proj_dim` (w's features go in as
+    `timestep_cond`, as diffusers' pipelines pass them). `w_range`: the weights it was trained
+    on; others warn."""
+
+    embeds_guidance = True
+
+    def __init__(self, base, w_range: tuple[float, float], *, embedding=None, cond_dim: int | None = None):
+        if (embedding is None) == (cond_dim is None):
+            raise ValueError("a guidance conditioner needs either a class embedding or the UNet's time_cond_proj_dim")
+        self.base, self.embedding, self.cond_dim = base, embedding, cond_dim
+        self.w_range = (float(w_range[0]), float(w_range[1]))
+        self.keys = base.keys if embedding is not None else (*base.keys, "timestep_cond")
+
+    def accelerate(self, runner: Runner) -> None:
+        self.base.accelerate(runner)
+
+    def modules(self) -> list:
+        return [*self.base.modules(), *([self.embedding] if self.embedding is not None else [])]
+
+    def weights(self, w, batch: int, device) -> torch.Tensor:
+        """w as a float32 [batch] tensor (a float or one per sample); a w outside the trained range warns."""
+        w = torch.as_tensor(w, dtype=torch.float32, device=device).reshape(-1)
+        w = w.expand(batch) if w.numel() == 1 else w
+        if w.numel() != batch:
+            raise ValueError(f"{w.numel()} guidance weights for a batch of {batch}")
+        lo, hi = self.w_range
+        if bool(torch.any((w < lo - 1e-6) | (w > hi + 1e-6))):
+            warnings.warn(
+                f"fastdiff: guidance {sorted(set(w.tolist()))} is outside the range this student was distilled "
+                f"on ([{lo:g}, {hi:g}]); its outputs there are extrapolated",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return w
+
+    def encode(self, prompts: list[str], device, dtype, guidance=None) -> dict[str, torch.Tensor]:
+        w = self.weights(self.w_range[0] if guidance is None else guidance, len(prompts), device)
+        cond = self.base.encode(prompts, device, dtype)
+        if self.embedding is None:
+            return {**cond, "timestep_cond": guidance_features(w, self.cond_dim).to(dtype)}
+        with torch.no_grad():
+            vector = self.embedding(cond["class_labels"], w)
+        return {**cond, "class_labels": vector.to(dtype)}
 
 
 class VaeDecoder:

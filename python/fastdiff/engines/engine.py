@@ -29,7 +29,9 @@ from . import backends as _backends
 from .backends import Runner
 from .components import TextConditioner, VaeDecoder, to_pil
 
-CALIBRATED = ("usf", "olss")  # samplers whose plans are fitted to a model and shipped with it, best first
+# samplers whose plans are fitted to a model and shipped with it, best first ("distilled": the plan a
+# progressively distilled student was trained for, fastdiff.distill.progressive)
+CALIBRATED = ("distilled", "usf", "olss")
 AUTO = "auto"  # the best plan the model has for the step count: a shipped CALIBRATED one, else FALLBACK
 FALLBACK = "dpmpp_2m"
 
@@ -157,13 +159,15 @@ class Engine:
         plans_dir=None,
         graph_mode: str | None = "default",
         max_graphs: int = 4,
+        distilled_steps: int | None = None,
     ):
         """backend: how the modules run, "auto", "eager", "cuda_graph" or "compiled"
         (`fastdiff.engines.backends`; an unavailable one is a BackendUnavailableError naming
         why). loop: how the plan runs, "auto" (graph when the backend captures graphs, else
         reference), "reference", "graph" or "cpp" (`fastdiff.loops`). max_graphs bounds the
         captured graphs kept (each holds a memory pool). graph_mode "emulate" gives the graph
-        cache's buffer semantics without CUDA (tests only)."""
+        cache's buffer semantics without CUDA (tests only). distilled_steps: a progressively
+        distilled student's step count: it samples only with its plan (plans/distilled-N.json)."""
         self.backend, self.backend_reason = _backends.resolve(backend, device)
         self.name = name
         self.unet = unet
@@ -177,6 +181,7 @@ class Engine:
         self.guidance_scale = guidance_scale
         self.random_weights = random_weights
         self.plans_dir = Path(plans_dir) if plans_dir is not None else None
+        self.distilled_steps = distilled_steps
         self._plans: dict[tuple[str, int], StepPlan] = {}
         self._feature_cache = None  # FeatureCache, made on first use
         self._gates: dict[tuple[str, int], tuple] = {}  # (sampler, steps) -> (file stamp, gate_for's answer)
@@ -279,11 +284,15 @@ class Engine:
         path = self.plans_dir / f"{kind}-{steps}.json" if self.plans_dir is not None else None
         if path is None or not path.is_file():
             have = ", ".join(map(str, self.shipped_plans(kind))) or "none"
-            make = (
-                f"fastdiff search --model {self.name} --nfe {steps}"
-                if kind == "usf"
-                else f"fastdiff calibrate --model {self.name} --steps {steps}"
-            )
+            make = {
+                "usf": f"fastdiff search --model {self.name} --nfe {steps}",
+                "olss": f"fastdiff calibrate --model {self.name} --steps {steps}",
+            }.get(kind)
+            if make is None:
+                raise ValueError(
+                    f"{self.name} ships no {kind} plan for {steps} steps (shipped: {have}): a distilled plan comes "
+                    f"with a progressively distilled student (fastdiff distill --stage progressive)"
+                )
             raise ValueError(
                 f"{self.name} ships no {kind} plan for {steps} steps (shipped: {have}); make one with "
                 f"`{make} --out plan.json` and pass plan=<that file>"
@@ -334,17 +343,32 @@ class Engine:
         self,
         prompts: list[str],
         *,
-        guidance_scale: float | None = None,
+        guidance_scale: float | torch.Tensor | None = None,
         negative_prompts: list[str] | None = None,
     ) -> GuidedDenoiser:
         """The raw_fn of a batch of prompts for the loops: encoded once; with guidance_scale > 1
-        one UNet call on the 2x batch [uncond; cond], the weights in `.guidance`."""
-        guidance = self.guidance_scale if guidance_scale is None else float(guidance_scale)
+        one UNet call on the 2x batch [uncond; cond], the weights in `.guidance` (guidance_scale:
+        a float or one per prompt). A guidance-distilled student (`embeds_guidance`) takes the
+        weight as an input instead: one call on the batch, no guidance left for the loop."""
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        guidance = guidance if isinstance(guidance, torch.Tensor) else float(guidance)
         negatives = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if getattr(self.conditioner, "embeds_guidance", False):
+            if any(n != "" for n in negatives):
+                raise ValueError(
+                    f"{self.name} is a guidance-distilled student: it learned guidance against the empty prompt and "
+                    "takes no negative prompt"
+                )
+            cond = self.conditioner.encode(list(prompts), self.device, self.dtype, guidance=guidance)
+            return GuidedDenoiser(self._unet, cond, capture_unet=self._unet_inner)
         cond = self.conditioner.encode(list(prompts), self.device, self.dtype)
-        uncond = self.conditioner.encode(negatives, self.device, self.dtype) if guidance > 1 else None
+        uncond = (
+            self.conditioner.encode(negatives, self.device, self.dtype)
+            if bool(torch.any(torch.as_tensor(guidance) > 1))
+            else None
+        )
         return GuidedDenoiser(self._unet, cond, uncond, guidance, capture_unet=self._unet_inner)
 
     def initial_noise(self, batch: int, *, seed: int, height: int | None = None, width: int | None = None):
@@ -496,6 +520,8 @@ class Engine:
             if skip == "adaptive":
                 gate = self.gate_for(sampler or self.sampler, steps) or gate
         plan.check_schedule(self.schedule)
+        if self.distilled_steps is not None:
+            self._check_distilled(plan)
         if gate is not None and not gate.active(plan.num_calls - 1):
             raise ValueError(
                 f"skip={skip!r}: the gate decides from model call {gate.first_call} on (warm-up), and this plan makes "
@@ -517,6 +543,19 @@ class Engine:
             plan=plan,
             gate=gate,
         )
+
+    def _check_distilled(self, plan: StepPlan) -> None:
+        """A progressively distilled student learned one plan's steps (two of its teacher's in each):
+        another plan is refused, naming both."""
+        own = self.plan_for("distilled", self.distilled_steps)
+        if plan.hash() != own.hash():
+            raise ValueError(
+                f"this {self.name} student was distilled to sample with {self.distilled_steps} DDIM steps at times "
+                f"{[int(t) for t in own.times]} (plans/distilled-{self.distilled_steps}.json); the requested plan "
+                f"({plan.metadata.get('solver', 'plan')}, {plan.num_calls} calls at times "
+                f"{[round(float(t), 1) for t in plan.times]}) is another schedule: use steps={self.distilled_steps} "
+                "(sampler 'auto' or 'distilled')"
+            )
 
     def _check_feature_cache(self, interval, gate: GateSpec | None) -> int | None:
         """The feature-cache interval of a request (None or 1: off), or ValueError naming why not."""
@@ -578,17 +617,19 @@ class Engine:
     @classmethod
     def from_pipeline(cls, pipe, *, name: str = "pipeline", **options) -> Engine:
         """An engine over the components of a loaded diffusers Stable Diffusion pipeline;
-        options: Engine's keyword arguments (sampler, guidance_scale, backend, loop, ...)."""
+        options: Engine's keyword arguments (sampler, guidance_scale, backend, loop, ...;
+        conditioner: one wrapping the pipeline's text encoder, e.g. a student's)."""
         if type(pipe.scheduler).__name__ == "PlanScheduler":
             raise ValueError(
                 "pipe.scheduler is a fastdiff PlanScheduler, which holds a plan but not the model's noise "
                 "schedule: build the engine from the pipeline with its own scheduler (before swapping it)"
             )
         unet = pipe.unet
+        conditioner = options.pop("conditioner", None) or TextConditioner(pipe.tokenizer, pipe.text_encoder)
         return cls(
             name=name,
             unet=unet,
-            conditioner=TextConditioner(pipe.tokenizer, pipe.text_encoder),
+            conditioner=conditioner,
             decoder=VaeDecoder(pipe.vae),
             schedule=DiscreteSchedule.from_config(dict(pipe.scheduler.config)),
             sample_size=unet.config.sample_size,

@@ -15,7 +15,7 @@ import torch
 from ..engines.components import ClassConditioner, PixelDecoder
 from ..engines.engine import Engine
 from ..schedules import DiscreteSchedule
-from .loading import ModelNotFoundError, engines_dir, model_info, need
+from .loading import ModelNotFoundError, engines_dir, model_info, need, student_conditioner, student_options
 
 CLASS_NAMES = [str(d) for d in range(10)]
 NULL_CLASS = 10
@@ -88,8 +88,9 @@ def load_classifier(path: Path) -> DigitsClassifier:
 
 
 def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
-    """digits from engines/digits, or from weights (a directory that training wrote);
-    engine_options (sampler, backend, ...) go to the Engine."""
+    """digits from engines/digits, or from weights (a directory that training or `fastdiff distill`
+    wrote: a guidance-distilled student takes the guidance weight as an input); engine_options
+    (sampler, backend, ...) go to the Engine."""
     diffusers = need("diffusers", "the digits model")
     path = Path(weights) if weights else engines_dir() / "digits"
     if not (path / "unet" / "config.json").is_file():
@@ -98,10 +99,13 @@ def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **eng
             f"`python -m fastdiff.models.train digits --out {path}`"
         )
     unet = diffusers.UNet2DModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device).eval()
+    conditioner = student_conditioner(
+        path, ClassConditioner(CLASS_NAMES, NULL_CLASS), unet, device=torch.device(device), dtype=dtype
+    )
     return Engine(
         name="digits",
         unet=unet,
-        conditioner=ClassConditioner(CLASS_NAMES, NULL_CLASS),
+        conditioner=conditioner,
         decoder=PixelDecoder(1),
         schedule=DiscreteSchedule.from_file(path / "scheduler"),
         sample_size=UNET_CONFIG["sample_size"],
@@ -109,6 +113,7 @@ def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **eng
         dtype=dtype,
         guidance_scale=model_info(path).get("default_guidance_scale", DEFAULT_GUIDANCE),
         plans_dir=path / "plans",
+        **student_options(path),
         **engine_options,
     )
 

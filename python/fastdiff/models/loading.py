@@ -85,9 +85,22 @@ def pipeline_engine(path: Path, *, name: str, device: torch.device, dtype: torch
     """An Engine over a diffusers Stable Diffusion directory: guidance from its fastdiff.json,
     calibrated plans from its plans/; engine_options (sampler, backend, ...) go to the Engine."""
     path = Path(path)
+    from ..engines.components import TextConditioner
+
     pipe = load_sd_pipeline(path, device, dtype)
     guidance = model_info(path).get("default_guidance_scale", PIPELINE_GUIDANCE)
-    return Engine.from_pipeline(pipe, name=name, guidance_scale=guidance, plans_dir=path / "plans", **engine_options)
+    conditioner = student_conditioner(
+        path, TextConditioner(pipe.tokenizer, pipe.text_encoder), pipe.unet, device=device, dtype=dtype
+    )
+    return Engine.from_pipeline(
+        pipe,
+        name=name,
+        guidance_scale=guidance,
+        plans_dir=path / "plans",
+        conditioner=conditioner,
+        **student_options(path),
+        **engine_options,
+    )
 
 
 def sd21_local() -> Path | None:
@@ -102,3 +115,46 @@ def sd21_local() -> Path | None:
         except Exception:  # not in the cache (the exception type differs between versions)
             continue
     return None
+
+
+def student_conditioner(path: Path, base, unet, *, device: torch.device, dtype: torch.dtype):
+    """The conditioner of a model directory: `base`, or for a guidance-distilled student
+    (fastdiff.json's "student" section, `fastdiff.distill`) `base` with the guidance weight embedded
+    (a GuidanceConditioner: class-conditional students load their guidance_embedding/)."""
+    from ..engines.components import ClassGuidanceEmbedding, GuidanceConditioner
+
+    path = Path(path)
+    info = model_info(path).get("student")
+    cond_dim = getattr(unet.config, "time_cond_proj_dim", None)
+    if info is None:
+        if cond_dim is not None or getattr(unet.config, "class_embed_type", None) == "identity":
+            raise ModelNotFoundError(
+                f"{path / 'unet'} takes a guidance or class vector input but {path / 'fastdiff.json'} has no "
+                "'student' section: the directory is incomplete (write students with fastdiff distill)"
+            )
+        return base
+    w_range = tuple(info["w_range"])
+    if cond_dim is not None:
+        return GuidanceConditioner(base, w_range, cond_dim=cond_dim)
+    folder = path / "guidance_embedding"
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"the student {path} lacks its guidance embedding: expected {folder}/model.safetensors"
+        )
+    from safetensors.torch import load_file
+
+    embedding = ClassGuidanceEmbedding(**json.loads((folder / "config.json").read_text()))
+    try:
+        embedding.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()})
+    except Exception as exc:  # safetensors and torch raise several types for a damaged or mismatched file
+        raise ModelNotFoundError(
+            f"{folder / 'model.safetensors'} cannot be loaded as the guidance embedding: {exc}"
+        ) from exc
+    return GuidanceConditioner(base, w_range, embedding=embedding.to(device=device, dtype=torch.float32).eval())
+
+
+def student_options(path: Path) -> dict:
+    """Engine options of a model directory: a progressively distilled student samples only with
+    the plan it was distilled for (distilled_steps)."""
+    info = model_info(Path(path)).get("student") or {}
+    return {"distilled_steps": int(info["steps"])} if info.get("stage") == "progressive" else {}

@@ -1,0 +1,213 @@
+"""Stage 2 of guided distillation (Meng et al. 2023, §3.2; Salimans & Ho 2022, Algorithm 2):
+halve the sampling steps of a w-conditioned student, round after round (N → N/2 → … → 1).
+
+In the round to M steps the teacher is the 2M-step student (the stage-1 student for the first
+round) sampled with deterministic DDIM on the model's own grid (diffusers' "trailing" spacing,
+whose M-step times are every other of the 2M-step ones). From z_t = α_t·x + σ_t·ε at the M-step
+student's time t_k, the teacher takes two DDIM steps, t_k → t' → t'' (the 2M grid), and the
+student learns the x̂ that reaches the same z'' in one DDIM step:
+
+    x̃ = (z'' − (σ''/σ_t)·z_t) / (α'' − (σ''/σ_t)·α_t)          (Salimans & Ho, Algorithm 2)
+
+with the guidance weight w ~ U[w_min, w_max] given to both, and the loss ω(λ_t)·‖x̂ − x̃‖²
+(truncated SNR weight, as in stage 1). Each round's student is a model directory (steps-M/) with
+plans/distilled-M.json: the DDIM plan it was trained for, which `engine.sample(steps=M)` picks
+and other plans are refused with. Every round is a resumable `TrainingRun`; a finished round is
+not trained again, so the chain resumes across sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..schedules import data_prediction
+from . import data as _data
+from .guided import truncated_snr_weight
+from .student import Student, load_student, save_student, weights_fingerprint
+from .train import DistillError, TrainingRun, train_loop
+
+FORMAT = 1
+
+
+@dataclass
+class Grid:
+    """A DDIM plan's times and its points' (α, σ), the plan's end point last (N + 1 each)."""
+
+    times: torch.Tensor  # [N] float32 model times
+    alpha: torch.Tensor  # [N + 1]
+    sigma: torch.Tensor  # [N + 1]
+
+
+def ddim_grid(engine, steps: int) -> Grid:
+    """The engine's DDIM plan for `steps` calls as a Grid (its end point from the plan's metadata)."""
+    plan = engine.plan_for("ddim", steps)
+    times = np.asarray(plan.times, dtype=np.float64)
+    alpha = np.append(engine.schedule.alpha(times), plan.metadata["out_alpha"])
+    sigma = np.append(engine.schedule.sigma(times), plan.metadata["out_sigma"])
+    f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return Grid(f(times), f(alpha), f(sigma))
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def ddim_step(z, x0, a, s, a_next, s_next):
+    """Deterministic DDIM from (α, σ) to (α_next, σ_next) with the data prediction x0 (ε̂ from z)."""
+    eps = (z - _col(a) * x0) / _col(s)
+    return _col(a_next) * x0 + _col(s_next) * eps
+
+
+def two_step_target(model, z, k, grid: Grid, cond: dict, w, prediction: str) -> torch.Tensor:
+    """x̃ for students at step k (per sample) of the M-step grid, from two DDIM steps of `model`
+    (a Student) on the 2M-step `grid` (teacher indices 2k, 2k+1 → 2k+2)."""
+    i = 2 * k
+    a, s = grid.alpha, grid.sigma
+    z1 = z
+    for j in (i, i + 1):
+        raw = model(z1, grid.times[j], cond, w)
+        x0 = data_prediction(raw, z1, _col(a[j]), _col(s[j]), prediction)
+        z1 = ddim_step(z1, x0, a[j], s[j], a[j + 1], s[j + 1])
+    ratio = s[i + 2] / s[i]
+    return (z1 - _col(ratio) * z) / _col(a[i + 2] - ratio * a[i])
+
+
+def _rounds(start: int, end: int) -> list[int]:
+    if start < 2 or end < 1 or start & (start - 1) or end & (end - 1) or end >= start:
+        raise ValueError(f"start_steps and end_steps must be powers of two with end < start, got {start} and {end}")
+    out, m = [], start // 2
+    while m >= end:
+        out.append(m)
+        m //= 2
+    return out
+
+
+def distill_progressive(
+    engine,
+    out,
+    *,
+    start_steps: int = 64,
+    end_steps: int = 1,
+    steps_per_round: int = 1000,
+    batch: int = 64,
+    lr: float = 5e-5,
+    seed: int = 0,
+    data=None,
+    checkpoint_every: int = 100,
+    stop_after: tuple[int, int] | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Progressive distillation of the guidance-distilled student `engine` (built from a stage-1
+    student directory) from `start_steps` DDIM steps down to `end_steps`, one round per halving,
+    each written to out/steps-M/. Finished rounds are reused; a killed round resumes. stop_after
+    (M, step): stop the round to M steps after that step as if killed (tests). Returns the
+    directories of the finished rounds."""
+    from ..models.loading import model_info
+
+    rounds = _rounds(start_steps, end_steps)
+    conditioner = engine.conditioner
+    if not getattr(conditioner, "embeds_guidance", False):
+        raise DistillError(
+            f"{engine.name} is not a guidance-distilled student: run stage 1 first "
+            f"(fastdiff distill --model {engine.name} --stage guided --out DIR), then this on --weights DIR"
+        )
+    for name, value in (("steps_per_round", steps_per_round), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    source_dir = Path(engine.plans_dir).parent
+    first = model_info(source_dir).get("student", {})
+    if first.get("stage") != "guided":
+        raise DistillError(f"{source_dir} is a {first.get('stage')!r} student: start from the stage-1 (guided) student")
+    data = _data.for_engine(engine) if data is None else data
+    lo, hi = conditioner.w_range
+    prediction = engine.schedule.prediction_type
+    device = engine.device
+    out = Path(out)
+    teacher, teacher_dir, done = load_student(source_dir)[0].to(device).eval(), source_dir, []
+    for m in rounds:
+        directory = out / f"steps-{m}"
+        teacher.requires_grad_(False)
+        settings = {
+            "format": FORMAT,
+            "stage": "progressive",
+            "teacher_weights": weights_fingerprint(teacher),
+            "teacher_steps": 2 * m,
+            "steps": m,
+            "schedule": engine.schedule.fingerprint,
+            "train_steps": steps_per_round,
+            "batch": batch,
+            "lr": lr,
+            "w_range": [lo, hi],
+            "seed": seed,
+            "loss": "x-space, max(SNR, 1)",
+        }
+        run = TrainingRun(directory / "run", settings, name=f"progressive distillation to {m} steps")
+        teacher_grid, grid = ddim_grid(engine, 2 * m), ddim_grid(engine, m)
+        if not torch.equal(teacher_grid.times[::2], grid.times):
+            raise DistillError(f"the {m}-step DDIM times are not every other {2 * m}-step time on this schedule")
+        student = load_student(teacher_dir)[0].to(device)
+
+        def loss_fn(step, g, teacher=teacher, student=student, teacher_grid=teacher_grid, grid=grid, m=m):
+            x0, prompts = data.sample(batch, g)
+            k = torch.randint(0, m, (batch,), generator=g)
+            eps = torch.randn(x0.shape, generator=g)
+            w = lo + (hi - lo) * torch.rand(batch, generator=g)
+            a, s = grid.alpha[k], grid.sigma[k]
+            x0, eps, a, s, w, k = (v.to(device) for v in (x0, eps, a, s, w, k))
+            z = _col(a) * x0 + _col(s) * eps
+            with torch.no_grad():
+                cond = conditioner.base.encode(prompts, device, torch.float32)
+                target = two_step_target(teacher, z, k, _on(teacher_grid, device), cond, w, prediction)
+            t = grid.times.to(device)[k]
+            guess = data_prediction(student(z, t, cond, w), z, _col(a), _col(s), prediction)
+            weight = truncated_snr_weight(a, s)
+            return (weight * ((guess - target) ** 2).mean(dim=(1, 2, 3))).mean()
+
+        stop = stop_after[1] if stop_after is not None and stop_after[0] == m else None
+        report = train_loop(
+            run,
+            student,
+            loss_fn,
+            steps=steps_per_round,
+            lr=lr,
+            seed=seed + m,
+            checkpoint_every=checkpoint_every,
+            stop_after=stop,
+            progress=progress,
+            desc=f"progressive {2 * m}->{m}",
+        )
+        if "stopped" in report:
+            return done
+        info = {**settings, "loss_final": report["loss"]}
+        save_student(student, directory, teacher_dir=teacher_dir, info=info)
+        plan = engine.plan_for("ddim", m)
+        (directory / "plans").mkdir(exist_ok=True)
+        plan.with_metadata(distilled={"steps": m, "teacher_steps": 2 * m, "w_range": [lo, hi]}).save(
+            directory / "plans" / f"distilled-{m}.json"
+        )
+        run.finish({"loss": report["loss"], "seconds": round(report["seconds"], 1)})
+        done.append(directory)
+        teacher, teacher_dir = student.eval(), directory
+    return done
+
+
+def _on(grid: Grid, device) -> Grid:
+    return Grid(grid.times.to(device), grid.alpha.to(device), grid.sigma.to(device))
+
+
+def student_chain(out) -> dict[int, Path]:
+    """The finished rounds of a progressive run: {steps: directory}."""
+    out = Path(out)
+    found = {}
+    for d in sorted(out.glob("steps-*")):
+        n = d.name.rpartition("-")[2]
+        if n.isdigit() and (d / "run" / "done.json").is_file() and (d / "unet" / "config.json").is_file():
+            found[int(n)] = d
+    return found
+
+
+__all__ = ["Grid", "Student", "ddim_grid", "ddim_step", "distill_progressive", "student_chain", "two_step_target"]
