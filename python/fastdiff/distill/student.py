@@ -11,10 +11,11 @@ the teacher's conditional model:
   `ClassGuidanceEmbedding` (the teacher's class table + an MLP of w, zero at first) that makes its
   conditioning vector; the UNet directory still loads with diffusers' UNet2DModel.
 
-A student directory is the teacher's model directory with the student's unet/ (float32 or
-float16 safetensors), guidance_embedding/ (class-conditional students), the teacher's scheduler/
-and fastdiff.json with a "student" section (stage, w range, teacher, steps and its plans). It
-loads with `build_engine(model, weights=DIR)` (`fastdiff.models.loading.student_conditioner`).
+A student directory is the teacher's model directory (its scheduler/ and, for text models, text
+encoder, tokenizer and VAE) with the student's unet/ (float32 or float16 safetensors),
+guidance_embedding/ (class-conditional students) and fastdiff.json with a "student" section
+(stage, w range, teacher, steps and its plans). It loads with `build_engine(model, weights=DIR)`
+(`fastdiff.models.loading.student_conditioner`).
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def save_student(student: Student, out, *, teacher_dir, info: dict, dtype=torch.
         save_file(state, out / "guidance_embedding" / "model.safetensors")
         config = json.dumps(student.embedding.config, indent=1, sort_keys=True) + "\n"
         (out / "guidance_embedding" / "config.json").write_text(config)
-    for part in ("scheduler", "text_encoder", "tokenizer", "vae", "classifier"):
+    for part in ("scheduler", "text_encoder", "tokenizer", "vae"):
         if (teacher_dir / part).is_dir() and not (out / part).exists():
             shutil.copytree(teacher_dir / part, out / part)
     for name in ("model_index.json",):
@@ -143,7 +144,7 @@ def load_student(directory) -> tuple[Student, dict]:
     """The trainable Student (float32, CPU) of a student directory and its "student" info."""
     import diffusers
 
-    from ..models.loading import model_info
+    from ..models.loading import load_guidance_embedding, model_info
 
     directory = Path(directory)
     info = model_info(directory).get("student")
@@ -154,11 +155,5 @@ def load_student(directory) -> tuple[Student, dict]:
     if cls not in (diffusers.UNet2DModel, diffusers.UNet2DConditionModel):
         raise DistillError(f"{directory / 'unet'} holds a {config.get('_class_name')!r}, not a diffusers UNet")
     unet = cls.from_pretrained(directory / "unet", torch_dtype=torch.float32)
-    embedding = None
-    if (directory / "guidance_embedding" / "config.json").is_file():
-        from safetensors.torch import load_file
-
-        folder = directory / "guidance_embedding"
-        embedding = ClassGuidanceEmbedding(**json.loads((folder / "config.json").read_text()))
-        embedding.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()})
+    embedding = None if unet.config.get("class_embed_type") != "identity" else load_guidance_embedding(directory)
     return Student(unet, embedding), info

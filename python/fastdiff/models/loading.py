@@ -121,7 +121,7 @@ def student_conditioner(path: Path, base, unet, *, device: torch.device, dtype: 
     """The conditioner of a model directory: `base`, or for a guidance-distilled student
     (fastdiff.json's "student" section, `fastdiff.distill`) `base` with the guidance weight embedded
     (a GuidanceConditioner: class-conditional students load their guidance_embedding/)."""
-    from ..engines.components import ClassGuidanceEmbedding, GuidanceConditioner
+    from ..engines.components import GuidanceConditioner
 
     path = Path(path)
     info = model_info(path).get("student")
@@ -136,20 +136,7 @@ def student_conditioner(path: Path, base, unet, *, device: torch.device, dtype: 
     w_range = tuple(info["w_range"])
     if cond_dim is not None:
         return GuidanceConditioner(base, w_range, cond_dim=cond_dim)
-    folder = path / "guidance_embedding"
-    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
-        raise ModelNotFoundError(
-            f"the student {path} lacks its guidance embedding: expected {folder}/model.safetensors"
-        )
-    from safetensors.torch import load_file
-
-    embedding = ClassGuidanceEmbedding(**json.loads((folder / "config.json").read_text()))
-    try:
-        embedding.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()})
-    except Exception as exc:  # safetensors and torch raise several types for a damaged or mismatched file
-        raise ModelNotFoundError(
-            f"{folder / 'model.safetensors'} cannot be loaded as the guidance embedding: {exc}"
-        ) from exc
+    embedding = load_guidance_embedding(path)
     return GuidanceConditioner(base, w_range, embedding=embedding.to(device=device, dtype=torch.float32).eval())
 
 
@@ -158,3 +145,22 @@ def student_options(path: Path) -> dict:
     the plan it was distilled for (distilled_steps)."""
     info = model_info(Path(path)).get("student") or {}
     return {"distilled_steps": int(info["steps"])} if info.get("stage") == "progressive" else {}
+
+
+def load_guidance_embedding(path: Path):
+    """A class-conditional student's guidance_embedding/ (config.json + model.safetensors), float32."""
+    from safetensors.torch import load_file
+
+    from ..engines.components import ClassGuidanceEmbedding
+
+    folder = Path(path) / "guidance_embedding"
+    if not (folder / "model.safetensors").is_file() or not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"the student {path} lacks its guidance embedding: expected {folder}/model.safetensors"
+        )
+    try:
+        embedding = ClassGuidanceEmbedding(**json.loads((folder / "config.json").read_text()))
+        embedding.load_state_dict({k: v.float() for k, v in load_file(folder / "model.safetensors").items()})
+    except Exception as exc:  # json, safetensors and torch raise several types for a damaged or mismatched file
+        raise ModelNotFoundError(f"{folder} cannot be loaded as the guidance embedding: {exc}") from exc
+    return embedding
