@@ -18,6 +18,7 @@ not trained again, so the chain resumes across sessions.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,20 +150,21 @@ def distill_progressive(
         teacher_grid, grid = ddim_grid(engine, 2 * m), ddim_grid(engine, m)
         if not torch.equal(teacher_grid.times[::2], grid.times):
             raise DistillError(f"the {m}-step DDIM times are not every other {2 * m}-step time on this schedule")
-        student = load_student(teacher_dir)[0].to(device)
+        teacher_grid, grid = _on(teacher_grid, device), _on(grid, device)  # once per round, not per step
+        student = copy.deepcopy(teacher).requires_grad_(True)  # starts as its teacher (Algorithm 2)
 
         def loss_fn(step, g, teacher=teacher, student=student, teacher_grid=teacher_grid, grid=grid, m=m):
             x0, prompts = data.sample(batch, g)
             k = torch.randint(0, m, (batch,), generator=g)
             eps = torch.randn(x0.shape, generator=g)
             w = lo + (hi - lo) * torch.rand(batch, generator=g)
+            x0, eps, w, k = (v.to(device) for v in (x0, eps, w, k))
             a, s = grid.alpha[k], grid.sigma[k]
-            x0, eps, a, s, w, k = (v.to(device) for v in (x0, eps, a, s, w, k))
             z = _col(a) * x0 + _col(s) * eps
             with torch.no_grad():
                 cond = conditioner.base.encode(prompts, device, torch.float32)
-                target = two_step_target(teacher, z, k, _on(teacher_grid, device), cond, w, prediction)
-            t = grid.times.to(device)[k]
+                target = two_step_target(teacher, z, k, teacher_grid, cond, w, prediction)
+            t = grid.times[k]
             guess = data_prediction(student(z, t, cond, w), z, _col(a), _col(s), prediction)
             weight = truncated_snr_weight(a, s)
             return (weight * ((guess - target) ** 2).mean(dim=(1, 2, 3))).mean()
