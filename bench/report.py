@@ -9,7 +9,8 @@ samples), <out>/gate_quality.{md,png} (AdaptiveDiffusion gate: calls saved vs PS
 <out>/runtime.md (loop overhead per step, the Python reference loop vs the C++ loop),
 <out>/parity.md (difference from diffusers' own loops, per solver variant), <out>/backends.md
 (eager vs compiled on the CPU), <out>/service.md (the C++ service example's throughput) and
-<out>/timings.md with every benchmark's timing statistics.
+<out>/distill_quality.{md,png} (guided distillation: FD vs UNet evaluations) and <out>/timings.md
+with every benchmark's timing statistics.
 """
 
 from __future__ import annotations
@@ -376,6 +377,94 @@ def peer_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def distill_rows(benchmarks: list[dict]) -> list[dict]:
+    return [b["extra_info"] for b in benchmarks if b.get("group") == "distill-quality"]
+
+
+def distill_table(rows: list[dict]) -> str:
+    """A row per (method, UNet evaluations), FD / accuracy per guidance weight, and the wall time."""
+    weights = sorted({r["w"] for r in rows})
+    head = "| method | UNet evals | " + " | ".join(f"w={w:g}: FD (acc.)" for w in weights) + " | s/image |"
+    lines = [head, "| --- " * (len(weights) + 3) + "|"]
+    keys = dict.fromkeys((r["method"], r["unet_evaluations"]) for r in rows)
+    for method, evals in sorted(keys, key=lambda k: (not k[0].startswith("teacher"), k[0], -k[1])):
+        mine = {r["w"]: r for r in rows if (r["method"], r["unet_evaluations"]) == (method, evals)}
+        cells = [f"{mine[w]['fd']:.1f} ({mine[w]['accuracy']:.3f})" if w in mine else "—" for w in weights]
+        seconds = sum(r["seconds_per_image"] for r in mine.values()) / len(mine)
+        lines.append(f"| {method} | {evals} | " + " | ".join(cells) + f" | {seconds * 1000:.1f} ms |")
+    return "\n".join(lines)
+
+
+def distill_targets(rows: list[dict]) -> str:
+    """The issue's two targets per w, as measured: the 4-step student's FD / the teacher's at 64
+    guided steps (≤ 1.1), and the 2-evaluation students vs OLSS with CFG at 4 evaluations."""
+    lines = []
+    for w in sorted({r["w"] for r in rows}):
+        at = {(r["method"], r["unet_evaluations"]): r["fd"] for r in rows if r["w"] == w}
+        teacher, four = at.get(("teacher+ddim", 128)), at.get(("steps-4", 4))
+        if teacher is not None and four is not None:
+            ratio = four / teacher
+            verdict = "met" if ratio <= 1.1 else "missed"
+            lines.append(
+                f"- w={w:g}: 4-step student FD {four:.1f} = {ratio:.2f}x the teacher's {teacher:.1f} ({verdict})"
+            )
+        olss = at.get(("teacher+olss", 4))
+        two = {m: fd for (m, e), fd in at.items() if e == 2 and not m.startswith("teacher")}
+        if olss is not None and two:
+            best = min(two, key=two.get)
+            verdict = "met" if two[best] < olss else "missed"
+            lines.append(
+                f"- w={w:g}: best student at 2 evaluations ({best}) FD {two[best]:.1f} vs OLSS-2 with CFG (4 "
+                f"evaluations) {olss:.1f} ({verdict})"
+            )
+    return "\n".join(lines)
+
+
+def distill_plot(rows: list[dict], path: Path) -> None:
+    """The frontier: FD vs UNet evaluations per image (log x), one panel per guidance weight."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    weights = sorted({r["w"] for r in rows})
+    fig, axes = plt.subplots(1, len(weights), figsize=(4.6 * len(weights), 4.2), squeeze=False, sharey=True)
+    for ax, w in zip(axes[0], weights):
+        mine = [r for r in rows if r["w"] == w]
+        lines = {
+            "teacher + DPM-Solver++(2M), CFG": [r for r in mine if r["method"] == "teacher+dpmpp_2m"],
+            "teacher + OLSS, CFG": [r for r in mine if r["method"] == "teacher+olss"],
+            "progressive students (DDIM)": [
+                r for r in mine if r["method"].startswith("steps-") and "stoch" not in r["method"]
+            ],
+            "progressive students, stochastic": [r for r in mine if r["method"].endswith("stochastic")],
+        }
+        for i, (label, group) in enumerate(lines.items()):
+            points = sorted((r["unet_evaluations"], r["fd"]) for r in group)
+            if points:
+                ax.plot(*zip(*points), marker="os^D"[i], markersize=4, linewidth=1.4, label=label)
+        for r in mine:
+            if r["method"] in ("teacher+ddim", "guided"):
+                ax.scatter([r["unet_evaluations"]], [r["fd"]], marker="*", s=90, zorder=3)
+                ax.annotate(
+                    "teacher CFG DDIM-64" if r["method"] == "teacher+ddim" else "guided student DDIM-64",
+                    (r["unet_evaluations"], r["fd"]),
+                    fontsize=7,
+                    xytext=(4, 4),
+                    textcoords="offset points",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("UNet evaluations per image")
+        ax.set_ylabel("feature FD to real digits (lower is better)")
+        ax.set_title(f"digits, guidance w={w:g}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def runtime_table(benchmarks: list[dict]) -> str:
     """Loop overhead per step: a row per latent size, a column per runtime, C++/Python ratios."""
     rows = [b["extra_info"] for b in benchmarks if b.get("group") == "runtime-loop-overhead"]
@@ -552,6 +641,21 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"Machine: {where}.")
         olss_plot(benchmarks, args.out / "search_quality.png", "search-quality", ("usf", "olss", "auto"))
         _write(args.out / "search_quality.md", "\n\n".join(parts) + "\n", args.out / "search_quality.png")
+    rows = distill_rows(benchmarks)
+    if rows:
+        samples = rows[0]["samples"]
+        text = (
+            "# Guided distillation on digits\n\nbench/test_distill_quality.py: feature Fréchet distance (FD) to the "
+            f"real digits and classifier accuracy of {samples} samples (an equal number per class, held-out noise), "
+            "per guidance weight w, against UNet evaluations per image. teacher+ddim: the classifier-free-guided "
+            "teacher, DDIM 64 steps (2 evaluations per step); teacher+dpmpp_2m / teacher+olss: training-free plans "
+            "with CFG; guided: the stage-1 student (one evaluation per step) with DDIM 64; steps-M: the "
+            "progressive students on their own M steps, and 'stochastic' with the paper's sampler on 2M calls. "
+            "s/image: wall time of one batch of all samples on the CPU, per image. Plot: distill_quality.png. "
+            f"Machine: {where}.\n\n{distill_table(rows)}\n\n## Targets\n\n{distill_targets(rows)}\n"
+        )
+        distill_plot(rows, args.out / "distill_quality.png")
+        _write(args.out / "distill_quality.md", text, args.out / "distill_quality.png")
     rows = gate_rows(benchmarks)
     if rows:
         text = (

@@ -3,10 +3,13 @@ teacher, at equal UNet evaluations.
 
 Rows (one per method, guidance weight w and UNet evaluations per image):
 - teacher: CFG DDIM at 64 steps (128 evaluations: the reference the students aim at), and the
-  training-free plans with CFG at 2 evaluations per step: DPM-Solver++(2M) and the shipped OLSS
-  plans (a 2-step OLSS plan is calibrated here with the shipped plans' command when none ships);
+  training-free plans with CFG at 2 evaluations per step: DPM-Solver++(2M), the shipped OLSS
+  plans (1- and 2-step OLSS plans are calibrated here with the shipped plans' command, as none
+  ships) and the shipped USF plans;
 - students: the stage-1 (guided) student with DDIM at 64 steps (64 evaluations) and the
-  progressive students at their own steps (8, 4, 2, 1 evaluations).
+  progressive students at their own steps (16, 8, 4, 2, 1 evaluations), deterministic, and with
+  the paper's stochastic sampler on twice their steps (32, 16, 8, 4, 2 evaluations: a DDIM step
+  of twice the length, then one back with fresh noise).
 Each row: the digits classifier's accuracy and the feature Fréchet distance (FD) to the real
 digits over 1000 samples (100 per class, held-out noise seed 11), and the wall time per image.
 
@@ -28,8 +31,9 @@ WEIGHTS = (1.5, 2.0, 3.0)
 SAMPLES_PER_CLASS = 100
 SEED = 11
 TEACHER_STEPS = 64
-STUDENT_STEPS = (8, 4, 2, 1)
+STUDENT_STEPS = (16, 8, 4, 2, 1)
 CFG_EVALS = (2, 4, 8, 16)  # training-free plans with guidance: 2 UNet evaluations per step
+USF_SHIPPED = (4, 8)  # the digits USF plans (engines/digits/plans/usf-N.json) at those evaluations
 
 
 def _students() -> Path:
@@ -67,8 +71,10 @@ def _olss_plan(engine, steps: int):
 def _cases():
     cases = [("teacher", "ddim", TEACHER_STEPS * 2)]
     cases += [("teacher", solver, evals) for solver in ("dpmpp_2m", "olss") for evals in CFG_EVALS]
+    cases += [("teacher", "usf", evals) for evals in CFG_EVALS if evals // 2 in USF_SHIPPED]
     cases += [("guided", "ddim", TEACHER_STEPS)]
     cases += [(f"steps-{m}", "distilled", m) for m in STUDENT_STEPS]
+    cases += [(f"steps-{m}", "distilled_stochastic", 2 * m) for m in STUDENT_STEPS]
     return [(who, solver, evals, w) for who, solver, evals in cases for w in WEIGHTS]
 
 
@@ -106,7 +112,7 @@ def test_distill_quality(benchmark, who, solver, evals, w):
     assert out.unet_calls == plan.num_calls
     benchmark.extra_info.update(
         {
-            "method": who if who != "teacher" else f"teacher+{solver}",
+            "method": f"teacher+{solver}" if who == "teacher" else who + (" stochastic" if plan.stochastic else ""),
             "solver": solver,
             "w": w,
             "unet_evaluations": evals,

@@ -113,6 +113,31 @@ def test_search_quality_report_renders_errors_images_cost_and_the_predictor(tmp_
     assert (out / "search_quality.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_distill_report_renders_the_frontier_and_the_targets(tmp_path):
+    def bench(method, evals, w, fd, accuracy=1.0):
+        info = {"method": method, "unet_evaluations": evals, "w": w, "fd": fd, "accuracy": accuracy}
+        info.update(seconds_per_image=0.002 * evals, samples=1000)
+        stats = {"mean": 1.0, "stddev": 0.0, "min": 1.0, "max": 1.0, "rounds": 1}
+        return {"name": f"d[{method}-{evals}-{w}]", "group": "distill-quality", "extra_info": info, "stats": stats}
+
+    rows = [bench("teacher+ddim", 128, 2.0, 40.0), bench("teacher+olss", 4, 2.0, 59.0), bench("guided", 64, 2.0, 41.0)]
+    rows += [bench("steps-4", 4, 2.0, 43.0), bench("steps-1", 1, 2.0, 70.0), bench("steps-1 stochastic", 2, 2.0, 50.0)]
+    rows += [bench("steps-2", 2, 2.0, 55.0), bench("teacher+dpmpp_2m", 4, 2.0, 280.0, 0.5)]
+    rows += [bench("teacher+ddim", 128, 3.0, 60.0), bench("steps-4", 4, 3.0, 70.0), bench("teacher+olss", 4, 3.0, 50.0)]
+    rows += [bench("steps-2", 2, 3.0, 80.0)]
+    doc = {"machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"}, "benchmarks": rows}
+    out = _render(tmp_path, doc)
+    text = (out / "distill_quality.md").read_text()
+    assert "| teacher+ddim | 128 | 40.0 (1.000) | 60.0 (1.000) | 256.0 ms |" in text
+    assert "| steps-1 stochastic | 2 | 50.0 (1.000) | — | 4.0 ms |" in text
+    assert "- w=2: 4-step student FD 43.0 = 1.07x the teacher's 40.0 (met)" in text
+    best = "- w=2: best student at 2 evaluations (steps-1 stochastic) FD 50.0 vs OLSS-2 with CFG (4 evaluations) 59.0"
+    assert best + " (met)" in text
+    assert "- w=3: 4-step student FD 70.0 = 1.17x the teacher's 60.0 (missed)" in text
+    assert "(steps-2) FD 80.0 vs OLSS-2 with CFG (4 evaluations) 50.0 (missed)" in text
+    assert (out / "distill_quality.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
     def bench(group, extra, median=0.01):
         stats = {"mean": median, "median": median, "stddev": 0.0, "min": median, "max": median, "rounds": 1}

@@ -98,9 +98,10 @@ def test_choice_lists_come_from_the_registries():
     sample = build_parser()._subparsers._group_actions[0].choices["sample"]
     choices = {a.dest: a.choices for a in sample._actions if a.choices}
     assert tuple(choices["backend"]) == CHOICES and tuple(choices["loop"]) == loops.CHOICES
-    assert tuple(choices["dtype"]) == NAMES and set(solvers.VARIANTS) | {"auto", "distilled", "usf", "olss"} == set(
-        choices["sampler"]
-    )
+    from fastdiff.engines.engine import CALIBRATED
+
+    assert tuple(choices["dtype"]) == NAMES and "distilled_stochastic" in CALIBRATED
+    assert set(solvers.VARIANTS) | {"auto", *CALIBRATED} == set(choices["sampler"])
 
 
 @pytest.mark.parametrize("argv", COMMANDS)

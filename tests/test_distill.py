@@ -202,6 +202,19 @@ def test_text_student_loads_in_an_unmodified_diffusers_pipeline(tmp_path):
     assert img.unet_calls == 3 and theirs.images.shape[0] == 1
 
 
+def test_training_data_of_each_shipped_model():
+    from fastdiff.distill.data import ShapesData, for_engine
+
+    shapes = fastdiff.build_engine("tiny-shapes", device="cpu")
+    data = ShapesData(shapes.decoder.vae, size=6, seed=1)
+    x0, prompts = data.sample(4, torch.Generator().manual_seed(0))
+    assert x0.shape == shapes.initial_noise(4, seed=0).shape and len(prompts) == 4
+    assert all(p.startswith(("a ", "an ")) and "background" in p for p in prompts)
+    assert 0.3 < float(x0.std()) < 3  # scaled like the latents the UNet was trained on
+    with pytest.raises(DistillError, match="no distillation data for the model 'sd21'"):
+        for_engine(type("E", (), {"name": "sd21"})())
+
+
 # ---------------------------------------------------------------- stage 2: progressive distillation
 def test_ddim_steps_of_the_trainer_are_the_engines_ddim_plan(student_dir):
     from fastdiff.distill.progressive import ddim_grid, ddim_step, two_step_target
@@ -234,7 +247,7 @@ def test_ddim_steps_of_the_trainer_are_the_engines_ddim_plan(student_dir):
     z0 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     k = torch.tensor([0, 1, 1])
     with torch.no_grad():
-        target = two_step_target(student, z0, k, teacher_grid, cond, w, "v_prediction")
+        target = two_step_target(student, z0, 2 * k, teacher_grid, cond, w, "v_prediction")
         z2 = z0
         for j in (0, 1):
             idx = 2 * k + j
@@ -255,6 +268,26 @@ def test_ddim_steps_of_the_trainer_are_the_engines_ddim_plan(student_dir):
             )
     one = ddim_step(z0, target, half.alpha[k], half.sigma[k], half.alpha[k + 1], half.sigma[k + 1])
     torch.testing.assert_close(one, z2, rtol=1e-4, atol=1e-4)
+    # the stochastic sampler's times: odd teacher times step twice too; the last one steps once
+    # (to the end point), so its target is the teacher's own x̂ there
+    i = torch.tensor([1, 3, 2])
+    with torch.no_grad():
+        target = two_step_target(student, z0, i, teacher_grid, cond, w, "v_prediction")
+        a, s = teacher_grid.alpha, teacher_grid.sigma
+        x0 = data_prediction(
+            student(z0, teacher_grid.times[i], cond, w),
+            z0,
+            a[i].view(-1, 1, 1, 1),
+            s[i].view(-1, 1, 1, 1),
+            "v_prediction",
+        )
+        z1 = ddim_step(z0, x0, a[i], s[i], a[i + 1], s[i + 1])
+        x1 = data_prediction(student(z1, teacher_grid.times[2], cond, w), z1, a[2], s[2], "v_prediction")
+        z2 = ddim_step(z1, x1, a[2].expand(3), s[2].expand(3), a[3].expand(3), s[3].expand(3))
+    torch.testing.assert_close(target[1], x0[1], rtol=1e-5, atol=1e-5)
+    end = torch.tensor([3, 4, 4])
+    one = ddim_step(z0, target, a[i], s[i], a[end], s[end])
+    torch.testing.assert_close(one[0], z2[0], rtol=1e-4, atol=1e-4)
 
 
 PROG = {"start_steps": 4, "end_steps": 1, "steps_per_round": 3, "batch": 8, "checkpoint_every": 1, "progress": False}
@@ -281,9 +314,31 @@ def test_progressive_chain_resumes_and_its_students_sample_with_their_plans(stud
     out = two.sample(["4", "2"], steps=2, guidance_scale=3.0, seed=0)
     assert out.plan.metadata["distilled"]["steps"] == 2 and out.unet_calls == 2
     with pytest.raises(ValueError, match=r"distilled to sample with 2 DDIM steps at times \[999, 499\]"):
-        two.sample("4", steps=4)
+        two.sample("4", steps=8)
     with pytest.raises(ValueError, match="another schedule"):
         two.sample("4", steps=2, sampler="dpmpp_2m_karras")
+    # the paper's stochastic sampler on twice the steps: shipped with the round, fresh noise per
+    # seed, reproducible for a seed, and refused with the skip gate or the C++ loop
+    assert two.shipped_plans("distilled_stochastic") == [4] and two.shipped_plans("distilled") == [2]
+    sto = two.sample(["4", "2"], steps=4, sampler="distilled_stochastic", guidance_scale=3.0, seed=0)
+    assert sto.plan.stochastic and sto.unet_calls == 4 and two.resolve_sampler("auto", 4) == "distilled_stochastic"
+    again = two.sample(["4", "2"], steps=4, guidance_scale=3.0, seed=0)
+    other = two.sample(["4", "2"], steps=4, guidance_scale=3.0, seed=1)
+    assert torch.equal(sto.latents, again.latents) and not torch.allclose(sto.latents, other.latents)
+    with pytest.raises(ValueError, match="or steps=4 with sampler 'distilled_stochastic'"):
+        two.sample("4", steps=3, sampler="ddim")
+    with pytest.raises(ValueError, match="skip gate cannot run a stochastic plan"):
+        two.sample("4", steps=4, skip="adaptive")
+    # shipped form: float16 weights, the plans and the run's logs, no checkpoint
+    from fastdiff.distill import export_student
+
+    shipped = export_student(tmp_path / "a" / "steps-2", tmp_path / "ship")
+    assert not (shipped / "run" / "checkpoint.pt").exists() and (shipped / "run" / "log.jsonl").is_file()
+    assert sorted(p.name for p in (shipped / "plans").iterdir()) == ["distilled-2.json", "distilled_stochastic-4.json"]
+    small = fastdiff.build_engine("digits", device="cpu", weights=shipped).sample(
+        ["4", "2"], steps=2, guidance_scale=3.0, seed=0
+    )
+    torch.testing.assert_close(small.latents, out.latents, rtol=0, atol=0.05)
 
 
 def test_progressive_needs_a_guided_student(digits, tmp_path):
@@ -320,3 +375,19 @@ def test_cli_distill_both_stages(tmp_path, capsys):
     # the same directory with other settings: a clear error, not a traceback
     assert main(argv + ["--start-steps", "2", "--lr", "0.01"]) == 2
     assert "other settings (lr differ)" in capsys.readouterr().err
+
+
+def test_shipped_digits_students_sample_with_their_plans():
+    from fastdiff.models.loading import engines_dir
+
+    pytest.importorskip("sklearn")
+    root = engines_dir() / "digits" / "students"
+    guided = fastdiff.build_engine("digits", device="cpu", weights=root / "guided")
+    assert guided.conditioner.embeds_guidance and guided.sample("3", steps=3, sampler="ddim", seed=0).unet_calls == 3
+    for m in (16, 8, 4, 2, 1):
+        engine = fastdiff.build_engine("digits", device="cpu", weights=root / f"steps-{m}")
+        out = engine.sample(["3", "5"], steps=m, guidance_scale=2.0, seed=0)
+        assert out.unet_calls == m and out.plan.metadata["distilled"]["steps"] == m and not out.plan.stochastic
+        out = engine.sample(["3", "5"], steps=2 * m, guidance_scale=2.0, seed=0)
+        assert out.unet_calls == 2 * m and out.plan.stochastic
+        assert json.loads((root / f"steps-{m}" / "run" / "done.json").read_text())["loss"] < 0.01

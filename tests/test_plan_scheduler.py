@@ -58,3 +58,24 @@ def test_scheduler_config_round_trips_the_plan(pipe, tmp_path):
     loaded = PlanScheduler.from_pretrained(tmp_path)
     assert loaded.plan == plan and loaded.init_noise_sigma == plan.coef[0, 0]
     assert loaded.timesteps.tolist() == [float(t) for t in plan.times]
+
+
+def test_a_stochastic_plan_draws_its_noise_from_the_pipelines_generator(pipe):
+    from fastdiff.diffusers import PlanScheduler
+    from fastdiff.distill.progressive import stochastic_plan
+    from fastdiff.engines import Engine
+
+    engine = Engine.from_pipeline(pipe)
+    plan = stochastic_plan(engine, 4)
+    prompt = ["a red circle on a blue background", "a green square on a white background"]
+    ours = engine.sample(prompt, plan=plan, guidance_scale=3.0, seed=5)
+    other = engine.sample(prompt, plan=plan, guidance_scale=3.0, seed=6)
+    original = pipe.scheduler
+    pipe.scheduler = PlanScheduler.from_plan(plan)
+    try:
+        call = dict(num_inference_steps=4, guidance_scale=3.0, output_type="latent")
+        theirs = pipe(prompt, generator=torch.Generator().manual_seed(5), **call).images
+    finally:
+        pipe.scheduler = original
+    assert torch.allclose(theirs, ours.latents, rtol=0, atol=1e-6)
+    assert not torch.allclose(ours.latents, other.latents, atol=1e-3)  # the noise does depend on the seed

@@ -175,11 +175,17 @@ StepPlan parse_plan(const std::string& text) {
     throw PlanError("version", "plan file has no 'version' field (this fastdiff reads version 1)");
   if (!is_number(*version) || !version->is_integer)
     throw PlanError("version", "plan 'version' must be an integer, found " + describe(*version));
+  if (version->number == 2)
+    throw PlanError("version",
+                    "plan version 2 is a stochastic plan (it adds fresh noise): the C++ runtime runs deterministic "
+                    "plans (version 1) only; sample it in Python with loop 'reference'");
   if (version->number != kPlanVersion) {
     std::ostringstream v;
     v.precision(0);
     v << std::fixed << version->number;
-    throw PlanError("version", "unknown plan version " + v.str() + ": this fastdiff reads version 1");
+    throw PlanError("version", "unknown plan version " + v.str() +
+                                   ": this fastdiff reads version 1 (deterministic plans) and version 2 (stochastic "
+                                   "plans, Python only)");
   }
 
   StepPlan plan;

@@ -416,7 +416,10 @@ def cmd_distill(args) -> int:
     if done:
         last = done[-1]
         steps = json.loads((last / "fastdiff.json").read_text())["student"]["steps"]
-        print(f"sample it: fastdiff sample --model {engine.name} --weights {last} --steps {steps} --guidance W")
+        print(
+            f"sample it: fastdiff sample --model {engine.name} --weights {last} --steps {steps} --guidance W "
+            f"(the stochastic sampler: --sampler distilled_stochastic --steps {2 * steps})"
+        )
     return 0
 
 
@@ -515,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=samplers,
         metavar="SAMPLER",
         help=f"solver or variant: {', '.join(samplers)} (usf: the model's shipped searched plans, olss: its calibrated "
-        "ones, distilled: the plan a progressively distilled student (--weights) was trained for; auto, the default: "
-        "the plan the model's plans/auto.json measured best for --steps, else the first shipped of distilled, usf "
-        "and olss, else dpmpp_2m; the plan run is printed)",
+        "ones, distilled: the plan a progressively distilled student (--weights) was trained for, "
+        "distilled_stochastic: the paper's stochastic sampler of that student on twice its steps (fresh noise from "
+        "--seed); auto, the default: the plan the model's plans/auto.json measured best for --steps, else the first "
+        "shipped of distilled, distilled_stochastic, usf and olss, else dpmpp_2m; the plan run is printed)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the initial noise (default: random, printed)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
@@ -761,7 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help="guided: the student's model directory (its run state in DIR/run/); progressive: a directory of one "
-        "student per round, DIR/steps-M/ (each a model directory with plans/distilled-M.json)",
+        "student per round, DIR/steps-M/ (each a model directory with plans/distilled-M.json, and "
+        "plans/distilled_stochastic-2M.json for the stochastic sampler)",
     )
     p.add_argument(
         "--train-steps", type=int, default=2000, help="optimizer steps (per round for progressive; default 2000)"

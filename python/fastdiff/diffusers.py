@@ -8,6 +8,9 @@ The pipeline's latents are the plan's model inputs: ``init_noise_sigma`` is coef
 loop (`fastdiff.loops.reference.steps`, the loop as a generator) and returns the next model
 input, so the images equal ``Engine.sample`` with the same plan, prompt and seed.
 The plan is part of the scheduler config, so ``save_pretrained`` / ``from_pretrained`` keep it.
+A stochastic plan draws its fresh noise from the pipeline's ``generator`` (passed to ``step``, as
+diffusers does for its stochastic schedulers), after the initial latents, as ``Engine.sample``
+draws it from its seed's generator.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.tensor(self.plan.times, dtype=torch.float32)
         self._loop = None  # the reference loop of the pipeline run in progress
         self._pending = None  # the model call it waits for
+        self._generator = None  # the pipeline's generator, for a stochastic plan's noise
 
     @classmethod
     def from_plan(cls, plan: StepPlan) -> PlanScheduler:
@@ -57,9 +61,23 @@ class PlanScheduler(SchedulerMixin, ConfigMixin):
     def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True, **kwargs):
+    def _noise(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        generator = self._generator
+        device = generator.device if isinstance(generator, torch.Generator) else x.device
+        return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        self._generator = generator  # a stochastic plan's noise after this call comes from it
         if self._loop is None:  # the first call: the loop starts from the pipeline's latents
-            self._loop = reference.steps(self.program, sample)
+            self._loop = reference.steps(self.program, sample, noise=self._noise)
             self._pending = next(self._loop)
         elif self._pending is None:
             raise RuntimeError(

@@ -1,10 +1,18 @@
-"""StepPlan: the one data representation of every deterministic explicit sampler.
+"""StepPlan: the one data representation of every explicit sampler.
 
 With N model calls a plan holds ``times`` (float64 [N], the model time of each call) and
 ``coef`` (float64 lower-triangular [N+1, N+1]) over the basis b_0 = x_T, b_{j+1} = out_j, the
 raw model output of call j (after guidance):
 
     input of call k:  x^(k) = Σ_{j≤k} coef[k, j]·b_j          result: Σ_j coef[N, j]·b_j
+
+A stochastic sampler adds fresh-noise columns (DESIGN §1): ``noise`` (float64 [N+1, N]) with
+ε_m, standard normal, drawn after call m:
+
+    input of call k:  x^(k) = Σ_{j≤k} coef[k, j]·b_j + Σ_{m<k} noise[k, m]·ε_m
+
+A plan without noise (``noise is None``) is deterministic; its file is version 1, a stochastic
+plan's version 2 (readers that only run deterministic plans refuse it by its version).
 
 The canonical form is the file format (versioned JSON). Loops never run it directly:
 ``fastdiff.program.compile(plan)`` derives the Program, which carries only the latents the
@@ -26,6 +34,7 @@ from .schedules import PREDICTION_TYPES
 
 PLAN_FORMAT = "fastdiff.stepplan"
 PLAN_VERSION = 1
+STOCHASTIC_PLAN_VERSION = 2  # a plan with fresh-noise columns
 
 
 class PlanError(ValueError):
@@ -84,9 +93,13 @@ class StepPlan:
         schedule_fingerprint: str | None = None,
         num_train_timesteps: int | None = None,
         metadata: Mapping | None = None,
+        noise=None,
     ):
         self.times = np.array(times, dtype=np.float64)
         self.coef = np.array(coef, dtype=np.float64)
+        self.noise = None if noise is None else np.array(noise, dtype=np.float64)
+        if self.noise is not None:
+            self.noise.setflags(write=False)
         self.prediction_type = prediction_type
         self.schedule_fingerprint = schedule_fingerprint
         self.num_train_timesteps = num_train_timesteps
@@ -100,6 +113,11 @@ class StepPlan:
     def num_calls(self) -> int:
         """N, the number of model calls (rows of coef minus one)."""
         return int(self.times.size)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the plan adds fresh noise (has noise columns)."""
+        return self.noise is not None
 
     @property
     def nfe(self) -> int:
@@ -146,6 +164,8 @@ class StepPlan:
             )
         if c[0, 0] == 0:
             raise PlanError("coef[0][0] is 0: the first model input must depend on x_T", "first_row")
+        if self.noise is not None:
+            self._validate_noise()
         if self.prediction_type not in PREDICTION_TYPES:
             raise PlanError(
                 f"unknown prediction_type '{self.prediction_type}': expected one of {', '.join(PREDICTION_TYPES)}",
@@ -170,6 +190,25 @@ class StepPlan:
         except (TypeError, ValueError) as exc:
             raise PlanError(f"plan metadata must be plain JSON: {exc}", "field") from exc
 
+    def _validate_noise(self) -> None:
+        z, n = self.noise, self.times.size
+        if z.shape != (n + 1, n):
+            raise PlanError(
+                f"plan noise has shape {tuple(z.shape)}, expected ({n + 1}, {n}) = (times + 1, times)", "shape"
+            )
+        if not np.all(np.isfinite(z)):
+            i, j = (int(v) for v in np.argwhere(~np.isfinite(z))[0])
+            raise PlanError(f"noise[{i}][{j}] is not finite ({_nonfinite_name(z[i, j])})", "nonfinite")
+        early = np.triu(z)  # noise[k, m] with m >= k: drawn after call m, it cannot reach row k <= m
+        if np.any(early != 0):
+            i, j = (int(v) for v in np.argwhere(early != 0)[0])
+            raise PlanError(
+                f"noise[{i}][{j}] is nonzero: the noise drawn after call {j} can only enter rows after {j}",
+                "triangular",
+            )
+        if not np.any(z != 0):
+            raise PlanError("plan noise is all zeros: a deterministic plan has no 'noise' field", "field")
+
     def check_schedule(self, schedule) -> None:
         """Raise PlanError if this plan was made for another noise schedule or prediction type."""
         if self.schedule_fingerprint is not None and self.schedule_fingerprint != schedule.fingerprint:
@@ -186,9 +225,9 @@ class StepPlan:
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": STOCHASTIC_PLAN_VERSION if self.stochastic else PLAN_VERSION,
             "prediction_type": self.prediction_type,
             "times": [float(x) for x in self.times],
             "coef": [[float(x) for x in row] for row in self.coef],
@@ -198,6 +237,9 @@ class StepPlan:
             },
             "metadata": self.metadata,
         }
+        if self.stochastic:
+            d["noise"] = [[float(x) for x in row] for row in self.noise]
+        return d
 
     def dumps(self, *, extra: Mapping | None = None) -> str:
         """JSON text; floats are written with repr, so they read back bit for bit.
@@ -207,10 +249,15 @@ class StepPlan:
         d = self.to_dict()
         coef = d.pop("coef")
         metadata = d.pop("metadata")
+        noise = d.pop("noise", None)
         head = json.dumps(d, indent=1, allow_nan=False)[:-2]
         rows = ",\n  ".join(json.dumps(row, allow_nan=False) for row in coef)
         meta = json.dumps(metadata, indent=1, sort_keys=True, allow_nan=False).replace("\n", "\n ")
         more = "".join(f",\n {json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in (extra or {}).items())
+        if noise is not None:
+            more = (
+                ',\n "noise": [\n  ' + ",\n  ".join(json.dumps(row, allow_nan=False) for row in noise) + "\n ]" + more
+            )
         return f'{head},\n "coef": [\n  {rows}\n ]{more},\n "metadata": {meta}\n}}\n'
 
     def save(self, path: str | Path, *, extra: Mapping | None = None) -> Path:
@@ -245,8 +292,12 @@ class StepPlan:
         version = doc["version"]
         if not _is_integer(version):
             raise PlanError(f"plan 'version' must be an integer, found {_describe(version)}", "version")
-        if version != PLAN_VERSION:
-            raise PlanError(f"unknown plan version {version}: this fastdiff reads version {PLAN_VERSION}", "version")
+        if version not in (PLAN_VERSION, STOCHASTIC_PLAN_VERSION):
+            raise PlanError(
+                f"unknown plan version {version}: this fastdiff reads version {PLAN_VERSION} (deterministic plans) and "
+                f"version {STOCHASTIC_PLAN_VERSION} (stochastic plans, Python only)",
+                "version",
+            )
         for key in ("prediction_type", "times", "coef"):
             if key not in doc:
                 raise PlanError(f"plan field '{key}' is missing", "field")
@@ -297,6 +348,23 @@ class StepPlan:
         for i, row in enumerate(coef):
             if len(row) != n + 1:
                 raise PlanError(f"coef row {i} has {len(row)} entries, expected {n + 1}", "shape")
+        noise = doc.get("noise")
+        if (noise is None) != (version == PLAN_VERSION):
+            raise PlanError(
+                f"a version {version} plan "
+                + ("must have" if noise is None else "cannot have")
+                + " a 'noise' field (version 2 plans are the stochastic ones)",
+                "field",
+            )
+        if noise is not None:
+            if not isinstance(noise, list) or len(noise) != n + 1:
+                raise PlanError(f"plan field 'noise' must be an array of {n + 1} rows of {n} numbers", "field")
+            for i, row in enumerate(noise):
+                if not isinstance(row, list) or len(row) != n:
+                    raise PlanError(f"noise row {i} must be an array of {n} numbers", "shape")
+                for j, x in enumerate(row):
+                    if not _is_number(x):
+                        raise PlanError(f"noise[{i}][{j}] must be a number, found {_describe(x)}", "field")
         return cls(
             times,
             coef,
@@ -304,6 +372,7 @@ class StepPlan:
             schedule_fingerprint=fingerprint,
             num_train_timesteps=num_train,
             metadata=metadata,
+            noise=noise,
         )
 
     @classmethod
@@ -336,6 +405,7 @@ class StepPlan:
             schedule_fingerprint=self.schedule_fingerprint,
             num_train_timesteps=self.num_train_timesteps,
             metadata={**self.metadata, **updates},
+            noise=self.noise,
         )
 
     # ---------------------------------------------------------------- identity
@@ -346,6 +416,9 @@ class StepPlan:
         h.update(str(self.schedule_fingerprint).encode())
         h.update(self.times.astype("<f8").tobytes())
         h.update(self.coef.astype("<f8").tobytes())
+        if self.noise is not None:  # deterministic plans keep the hashes they always had
+            h.update(b"noise")
+            h.update(self.noise.astype("<f8").tobytes())
         return f"sha256:{h.hexdigest()[:16]}"
 
     def __eq__(self, other: object) -> bool:
@@ -357,6 +430,8 @@ class StepPlan:
             and self.num_train_timesteps == other.num_train_timesteps
             and np.array_equal(self.times, other.times)
             and np.array_equal(self.coef, other.coef)
+            and (self.noise is None) == (other.noise is None)
+            and (self.noise is None or np.array_equal(self.noise, other.noise))
             and self.metadata == other.metadata
         )
 
@@ -364,4 +439,5 @@ class StepPlan:
 
     def __repr__(self) -> str:
         solver = self.metadata.get("solver", "custom")
-        return f"StepPlan({solver}, nfe={self.nfe}, {self.prediction_type}, {self.hash()})"
+        kind = ", stochastic" if self.stochastic else ""
+        return f"StepPlan({solver}, nfe={self.nfe}, {self.prediction_type}{kind}, {self.hash()})"

@@ -27,6 +27,11 @@ basis[src[k, 0, j]] and dst[k, 1] (the next model input) likewise, both from the
 the call; x_row[k] is call k's model input. Before the first call basis[init_row] =
 init_coef·x_T; after the last one the result is basis[result_row].
 
+A stochastic plan's noise (`fastdiff.plan`) enters the loop in one place: after call k the
+loop adds noise[k]·ε_k (fresh standard normal noise) to row dst[k, 1], the next model input or the
+result; from there the tables carry it like the rest of that latent. `compile` refuses plans
+whose noise columns do not follow from that (the re-expansion checks it).
+
 Every compiled Program is re-expanded symbolically and compared with the plan's coef (twin of
 the C++ reader's check, csrc/runtime/program.cpp); `max_error` is the difference (float64
 rounding for classic solvers). A plan file may carry its Program as a cache (`save`, `dumps`):
@@ -115,7 +120,13 @@ class Program:
     init_coef: float
     result_row: int
     max_error: float  # max |re-expanded − coef| relative to max |coef|
+    noise: np.ndarray | None = None  # float64 [N]: after call k, noise[k]·ε_k is added to row dst[k, 1]
     _on_device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the loop adds fresh noise after some calls."""
+        return self.noise is not None
 
     @property
     def num_steps(self) -> int:
@@ -209,6 +220,7 @@ class Program:
             "src": self.src.tolist(),
             "coef": self.coef.tolist(),
             "gcoef": self.gcoef.tolist(),
+            **({"noise": self.noise.tolist()} if self.noise is not None else {}),
         }
 
     def __repr__(self) -> str:
@@ -230,7 +242,10 @@ def compile(plan: StepPlan) -> Program:  # noqa: A001 - the one compile of the d
         if program is not None:
             _compiled.move_to_end(key)
             return program if program.plan is plan else _rebind(program, plan)
-    program = _from_tables(plan, _tables(_linear_program(plan.coef)))
+    tables = _tables(_linear_program(plan.coef))
+    if plan.stochastic:
+        tables["noise"] = _noise_scales(plan)
+    program = _from_tables(plan, tables)
     with _lock:
         _compiled[key] = program
         while len(_compiled) > _CACHE_SIZE:
@@ -282,6 +297,10 @@ def from_dict(doc, plan: StepPlan) -> Program:
         "coef": array("coef", (n, 2, width), np.float64),
         "gcoef": array("gcoef", (n, 2), np.float64),
     }
+    if ("noise" in doc) != plan.stochastic:
+        raise ProgramError("the program's noise does not match the plan's (one is stochastic, the other not)")
+    if plan.stochastic:
+        tables["noise"] = array("noise", (n,), np.float64)
     return _from_tables(plan, tables)
 
 
@@ -314,8 +333,11 @@ def _from_tables(plan: StepPlan, t: dict) -> Program:
         t[name] = np.ascontiguousarray(t[name], dtype=np.int32)
     for name in ("coef", "gcoef"):
         t[name] = np.ascontiguousarray(t[name], dtype=np.float64)
-    for name in ("x_row", "dst", "src", "coef", "gcoef"):
-        t[name].setflags(write=False)
+    if t.get("noise") is not None:
+        t["noise"] = np.ascontiguousarray(t["noise"], dtype=np.float64)
+    for name in ("x_row", "dst", "src", "coef", "gcoef", "noise"):
+        if t.get(name) is not None:
+            t[name].setflags(write=False)
     error = _verify(plan, t)
     return Program(plan=plan, max_error=error, **t)
 
@@ -325,8 +347,9 @@ def _verify(plan: StepPlan, t: dict) -> float:
     input and the result with the plan (the C++ twin: fastdiff::check_program). Returns the
     largest difference relative to max|coef|; ProgramError when a row is read before it is
     written or the difference exceeds VERIFY_TOL."""
-    coef = plan.coef
-    n, d = plan.num_calls, coef.shape[0]
+    coef = plan.coef if plan.noise is None else np.hstack([plan.coef, plan.noise])  # rows over (basis, noise)
+    n, d = plan.num_calls, coef.shape[1]
+    noise = t.get("noise")
     rows, width = t["num_rows"], t["width"]
     if rows < 1 or width < 1:
         raise ProgramError("num_rows and width must be positive")
@@ -383,6 +406,9 @@ def _verify(plan: StepPlan, t: dict) -> float:
             new[i] = v
         if int(t["dst"][k, 1]) < 0:
             raise ProgramError(f"{call}: writes no next input")
+        if noise is not None and noise[k] != 0:
+            new[1] = new[1].copy()
+            new[1][n + 1 + k] += noise[k]
         for i in range(2):
             if new[i] is not None:
                 vec[int(t["dst"][k, i])] = new[i]
@@ -390,6 +416,22 @@ def _verify(plan: StepPlan, t: dict) -> float:
         raise ProgramError(f"the result row {t['result_row']} is never written")
     compare(vec[t["result_row"]], n, "the result")
     return worst / scale
+
+
+def _noise_scales(plan: StepPlan) -> np.ndarray:
+    """noise[k] of the Program: the weight of ε_k in the row right after call k (the next model
+    input, or the result after the last call); ProgramError if a noise column skips that row."""
+    z = plan.noise
+    n = plan.num_calls
+    scales = np.array([z[k + 1, k] for k in range(n)], dtype=np.float64)
+    for k in range(n):
+        if scales[k] == 0 and np.any(z[k + 1 :, k] != 0):
+            first = k + 1 + int(np.flatnonzero(z[k + 1 :, k])[0])
+            raise ProgramError(
+                f"the noise drawn after call {k} first enters row {first}: a loop adds fresh noise to the next "
+                f"model input (row {k + 1}) only"
+            )
+    return scales
 
 
 # ---------------------------------------------------------------------------------- compiler

@@ -6,7 +6,15 @@ Training runs are resumable (`train`).
 """
 
 from .guided import distill_guided
-from .student import Student, make_student, save_student
+from .student import Student, export_student, make_student, save_student
 from .train import DistillError, TrainingRun
 
-__all__ = ["DistillError", "Student", "TrainingRun", "distill_guided", "make_student", "save_student"]
+__all__ = [
+    "DistillError",
+    "Student",
+    "TrainingRun",
+    "distill_guided",
+    "export_student",
+    "make_student",
+    "save_student",
+]

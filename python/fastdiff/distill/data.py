@@ -26,11 +26,35 @@ class DigitsData:
         return self.images[idx], [self.names[int(i)] for i in self.labels[idx]]
 
 
+class ShapesData:
+    """tiny-shapes' procedural scenes, as its UNet was trained on them: `size` scenes rendered and
+    encoded once by the model's VAE (their latent moments), each draw a fresh latent sample
+    scaled by the VAE's scaling factor; the prompt of each image its caption."""
+
+    def __init__(self, vae, size: int = 4096, seed: int = 0):
+        from types import SimpleNamespace
+
+        from ..models.training.tiny_shapes import encode_dataset
+
+        self.means, self.stds, self.captions = encode_dataset(SimpleNamespace(vae=vae), size, seed)
+        self.scaling = float(vae.config.scaling_factor)
+
+    def sample(self, batch: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+        idx = torch.randint(0, len(self.captions), (batch,), generator=generator)
+        noise = torch.randn(self.means[idx].shape, generator=generator)
+        return (self.means[idx] + self.stds[idx] * noise) * self.scaling, [self.captions[int(i)] for i in idx]
+
+
 def for_engine(engine):
-    """The training data of a shipped model (digits); others name what is missing."""
+    """The training data of a shipped model (digits, tiny-shapes); others name what is missing."""
     if engine.name == "digits":
         return DigitsData()
+    if engine.name == "tiny-shapes":
+        import copy
+
+        return ShapesData(copy.deepcopy(engine.decoder.vae).to("cpu", torch.float32))  # the engine's stays as it is
     raise DistillError(
         f"no distillation data for the model {engine.name!r}: distillation is implemented for digits (its data set "
-        "ships with scikit-learn); pass data= an object with sample(batch, generator) -> (x_0 latents, prompts)"
+        "ships with scikit-learn) and tiny-shapes (procedural scenes); pass data= an object with "
+        "sample(batch, generator) -> (x_0 latents, prompts)"
     )

@@ -3,16 +3,21 @@ halve the sampling steps of a w-conditioned student, round after round (N → N/
 
 In the round to M steps the teacher is the 2M-step student (the stage-1 student for the first
 round) sampled with deterministic DDIM on the model's own grid (diffusers' "trailing" spacing,
-whose M-step times are every other of the 2M-step ones). From z_t = α_t·x + σ_t·ε at the M-step
-student's time t_k, the teacher takes two DDIM steps, t_k → t' → t'' (the 2M grid), and the
+whose M-step times are every other of the 2M-step ones). From z_t = α_t·x + σ_t·ε at a time t_i
+of the teacher's 2M grid, the teacher takes two DDIM steps, t_i → t_{i+1} → t_{i+2}, and the
 student learns the x̂ that reaches the same z'' in one DDIM step:
 
     x̃ = (z'' − (σ''/σ_t)·z_t) / (α'' − (σ''/σ_t)·α_t)          (Salimans & Ho, Algorithm 2)
 
 with the guidance weight w ~ U[w_min, w_max] given to both, and the loss ω(λ_t)·‖x̂ − x̃‖²
-(truncated SNR weight, as in stage 1). Each round's student is a model directory (steps-M/) with
-plans/distilled-M.json: the DDIM plan it was trained for, which `engine.sample(steps=M)` picks
-and other plans are refused with. Every round is a resumable `TrainingRun`; a finished round is
+(truncated SNR weight, as in stage 1). Times i are drawn from the whole 2M grid, not only the
+M-step student's own (the even i): the deterministic M-step sampler uses the even ones, the
+paper's stochastic 2M-call sampler (`stochastic_plan`: a DDIM step of twice the length, then one
+back with fresh noise) all of them; at the last time the target is the teacher's single step to
+the end (the paper's edge case). Each round's student is a model directory (steps-M/) with
+plans/distilled-M.json, the DDIM plan it was trained for, which `engine.sample(steps=M)` picks,
+and plans/distilled_stochastic-2M.json (`sampler="distilled_stochastic", steps=2M`); other plans
+are refused. Every round is a resumable `TrainingRun`; a finished round is
 not trained again, so the chain resumes across sessions.
 """
 
@@ -25,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..schedules import data_prediction
+from ..plan import StepPlan
+from ..schedules import data_prediction, noise_prediction
+from ..solvers.common import Trace
 from . import data as _data
 from .guided import truncated_snr_weight
 from .student import Student, load_student, save_student, weights_fingerprint
@@ -43,12 +50,20 @@ class Grid:
     sigma: torch.Tensor  # [N + 1]
 
 
-def ddim_grid(engine, steps: int) -> Grid:
-    """The engine's DDIM plan for `steps` calls as a Grid (its end point from the plan's metadata)."""
+def _ddim_points(engine, steps: int):
+    """The engine's DDIM plan for `steps` calls: (plan, times [N], α [N + 1], σ [N + 1]) in
+    float64, the end point last (from the plan's metadata: the result is α·(x_0 + out_sigma·ε))."""
     plan = engine.plan_for("ddim", steps)
     times = np.asarray(plan.times, dtype=np.float64)
-    alpha = np.append(engine.schedule.alpha(times), plan.metadata["out_alpha"])
-    sigma = np.append(engine.schedule.sigma(times), plan.metadata["out_sigma"])
+    end_alpha = plan.metadata["out_alpha"]
+    alpha = np.append(engine.schedule.alpha(times), end_alpha)
+    sigma = np.append(engine.schedule.sigma(times), end_alpha * plan.metadata["out_sigma"])
+    return plan, times, alpha, sigma
+
+
+def ddim_grid(engine, steps: int) -> Grid:
+    """The engine's DDIM plan for `steps` calls as a Grid (its end point from the plan's metadata)."""
+    _, times, alpha, sigma = _ddim_points(engine, steps)
     f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     return Grid(f(times), f(alpha), f(sigma))
 
@@ -63,18 +78,58 @@ def ddim_step(z, x0, a, s, a_next, s_next):
     return _col(a_next) * x0 + _col(s_next) * eps
 
 
-def two_step_target(model, z, k, grid: Grid, cond: dict, w, prediction: str) -> torch.Tensor:
-    """x̃ for students at step k (per sample) of the M-step grid, from two DDIM steps of `model`
-    (a Student) on the 2M-step `grid` (teacher indices 2k, 2k+1 → 2k+2)."""
-    i = 2 * k
+def two_step_target(model, z, i, grid: Grid, cond: dict, w, prediction: str) -> torch.Tensor:
+    """x̃ for students at index i (per sample) of the teacher's grid `grid` (2M steps): the x̂
+    whose DDIM step from t_i reaches, in one step, where two DDIM steps of `model` (a Student)
+    go, t_i → t_{i+1} → t_{i+2}. At the grid's last time, i = 2M − 1, the teacher's one step to
+    the end point is the target (its x̂: the paper's edge case of the stochastic sampler)."""
     a, s = grid.alpha, grid.sigma
+    last = grid.times.shape[0] - 1
     z1 = z
-    for j in (i, i + 1):
+    for step in (0, 1):
+        j = torch.clamp(i + step, max=last)
         raw = model(z1, grid.times[j], cond, w)
         x0 = data_prediction(raw, z1, _col(a[j]), _col(s[j]), prediction)
-        z1 = ddim_step(z1, x0, a[j], s[j], a[j + 1], s[j + 1])
-    ratio = s[i + 2] / s[i]
-    return (z1 - _col(ratio) * z) / _col(a[i + 2] - ratio * a[i])
+        moved = ddim_step(z1, x0, a[j], s[j], a[j + 1], s[j + 1])
+        z1 = moved if step == 0 else torch.where(_col(i < last), moved, z1)
+    end = torch.clamp(i + 2, max=last + 1)
+    ratio = s[end] / s[i]
+    return (z1 - _col(ratio) * z) / _col(a[end] - ratio * a[i])
+
+
+def stochastic_plan(engine, calls: int) -> StepPlan:
+    """The paper's N-step stochastic sampler (Meng et al. 2023, §4.3) as a stochastic StepPlan of
+    N = `calls` model calls on the N-step DDIM grid t_0 > … > t_{N−1} (end point t_N): at t_k a
+    deterministic DDIM step of twice the length, to t_{k+2}, then one step back to t_{k+1} with
+    fresh noise, z_{k+1} = (α_{k+1}/α_{k+2})·z' + √(σ²_{k+1} − (α_{k+1}/α_{k+2})²·σ²_{k+2})·ε;
+    the last call steps to t_N deterministically. Its DDIM steps are those of the N/2-step
+    student, which is why each round trains at every time of its teacher's grid."""
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 2 or calls % 2:
+        raise ValueError(f"the stochastic sampler makes an even number >= 2 of model calls, got {calls!r}")
+    ddim, times, alpha, sigma = _ddim_points(engine, calls)
+    pred = engine.schedule.prediction_type
+    trace = Trace(calls, stochastic=True)
+    x = float(ddim.coef[0, 0]) * trace.x_T()
+    for k in range(calls):
+        out = trace.call(x, times[k])
+        x0 = data_prediction(out, x, alpha[k], sigma[k], pred)
+        eps = noise_prediction(out, x, alpha[k], sigma[k], pred)
+        if k + 1 == calls:
+            x = alpha[calls] * x0 + sigma[calls] * eps
+            break
+        z = alpha[k + 2] * x0 + sigma[k + 2] * eps
+        r = alpha[k + 1] / alpha[k + 2]
+        x = r * z + np.sqrt(max(sigma[k + 1] ** 2 - (r * sigma[k + 2]) ** 2, 0.0)) * trace.noise()
+    return trace.finish(
+        x,
+        engine.schedule,
+        solver="distilled_stochastic",
+        steps=calls,
+        options={"student_steps": calls // 2},
+        out_sigma=float(ddim.metadata["out_sigma"]),
+        out_alpha=float(ddim.metadata["out_alpha"]),
+        diffusers_class="none (stochastic distilled sampler)",
+    )
 
 
 def _rounds(start: int, end: int) -> list[int]:
@@ -145,26 +200,27 @@ def distill_progressive(
             "w_range": [lo, hi],
             "seed": seed,
             "loss": "x-space, max(SNR, 1)",
+            "times": "teacher grid (deterministic and stochastic sampling)",
         }
         run = TrainingRun(directory / "run", settings, name=f"progressive distillation to {m} steps")
         teacher_grid, grid = ddim_grid(engine, 2 * m), ddim_grid(engine, m)
         if not torch.equal(teacher_grid.times[::2], grid.times):
             raise DistillError(f"the {m}-step DDIM times are not every other {2 * m}-step time on this schedule")
-        teacher_grid, grid = _on(teacher_grid, device), _on(grid, device)  # once per round, not per step
+        teacher_grid = _on(teacher_grid, device)  # once per round, not per step
         student = copy.deepcopy(teacher).requires_grad_(True)  # starts as its teacher (Algorithm 2)
 
-        def loss_fn(step, g, teacher=teacher, student=student, teacher_grid=teacher_grid, grid=grid, m=m):
+        def loss_fn(step, g, teacher=teacher, student=student, teacher_grid=teacher_grid, m=m):
             x0, prompts = data.sample(batch, g)
-            k = torch.randint(0, m, (batch,), generator=g)
+            i = torch.randint(0, 2 * m, (batch,), generator=g)  # every time of the teacher's grid
             eps = torch.randn(x0.shape, generator=g)
             w = lo + (hi - lo) * torch.rand(batch, generator=g)
-            x0, eps, w, k = (v.to(device) for v in (x0, eps, w, k))
-            a, s = grid.alpha[k], grid.sigma[k]
+            x0, eps, w, i = (v.to(device) for v in (x0, eps, w, i))
+            a, s = teacher_grid.alpha[i], teacher_grid.sigma[i]
             z = _col(a) * x0 + _col(s) * eps
             with torch.no_grad():
                 cond = conditioner.base.encode(prompts, device, torch.float32)
-                target = two_step_target(teacher, z, k, teacher_grid, cond, w, prediction)
-            t = grid.times[k]
+                target = two_step_target(teacher, z, i, teacher_grid, cond, w, prediction)
+            t = teacher_grid.times[i]
             guess = data_prediction(student(z, t, cond, w), z, _col(a), _col(s), prediction)
             weight = truncated_snr_weight(a, s)
             return (weight * ((guess - target) ** 2).mean(dim=(1, 2, 3))).mean()
@@ -188,8 +244,10 @@ def distill_progressive(
         save_student(student, directory, teacher_dir=teacher_dir, info=info)
         plan = engine.plan_for("ddim", m)
         (directory / "plans").mkdir(exist_ok=True)
-        plan.with_metadata(distilled={"steps": m, "teacher_steps": 2 * m, "w_range": [lo, hi]}).save(
-            directory / "plans" / f"distilled-{m}.json"
+        about = {"steps": m, "teacher_steps": 2 * m, "w_range": [lo, hi]}
+        plan.with_metadata(distilled=about).save(directory / "plans" / f"distilled-{m}.json")
+        stochastic_plan(engine, 2 * m).with_metadata(distilled=about).save(
+            directory / "plans" / f"distilled_stochastic-{2 * m}.json"
         )
         run.finish({"loss": report["loss"], "seconds": round(report["seconds"], 1)})
         done.append(directory)
@@ -212,4 +270,13 @@ def student_chain(out) -> dict[int, Path]:
     return found
 
 
-__all__ = ["Grid", "Student", "ddim_grid", "ddim_step", "distill_progressive", "student_chain", "two_step_target"]
+__all__ = [
+    "Grid",
+    "Student",
+    "ddim_grid",
+    "ddim_step",
+    "distill_progressive",
+    "stochastic_plan",
+    "student_chain",
+    "two_step_target",
+]

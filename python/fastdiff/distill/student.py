@@ -157,3 +157,18 @@ def load_student(directory) -> tuple[Student, dict]:
     unet = cls.from_pretrained(directory / "unet", torch_dtype=torch.float32)
     embedding = None if unet.config.get("class_embed_type") != "identity" else load_guidance_embedding(directory)
     return Student(unet, embedding), info
+
+
+def export_student(directory, out, *, dtype=torch.float16) -> Path:
+    """A student directory to ship: its weights in `dtype` (float16 halves the size), its plans,
+    and its run's settings, loss log and done record, without the training checkpoint."""
+    directory, out = Path(directory), Path(out)
+    student, info = load_student(directory)
+    save_student(student, out, teacher_dir=directory, info=info, dtype=dtype)
+    if (directory / "plans").is_dir():
+        shutil.copytree(directory / "plans", out / "plans", dirs_exist_ok=True)
+    (out / "run").mkdir(exist_ok=True)
+    for name in ("settings.json", "log.jsonl", "done.json"):
+        if (directory / "run" / name).is_file():
+            shutil.copy(directory / "run" / name, out / "run" / name)
+    return out

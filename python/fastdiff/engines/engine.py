@@ -21,7 +21,7 @@ from .. import loops, solvers
 from ..denoisers import GuidedDenoiser
 from ..dtypes import dtype_name
 from ..gate import GateSpec
-from ..loops.contract import LoopResult
+from ..loops.contract import LoopResult, check_inputs
 from ..plan import StepPlan
 from ..program import compile as compile_program
 from ..schedules import DiscreteSchedule
@@ -30,8 +30,9 @@ from .backends import Runner
 from .components import TextConditioner, VaeDecoder, to_pil
 
 # samplers whose plans are fitted to a model and shipped with it, best first ("distilled": the plan a
-# progressively distilled student was trained for, fastdiff.distill.progressive)
-CALIBRATED = ("distilled", "usf", "olss")
+# progressively distilled student was trained for, "distilled_stochastic" the paper's stochastic
+# sampler on twice its steps; fastdiff.distill.progressive)
+CALIBRATED = ("distilled", "distilled_stochastic", "usf", "olss")
 AUTO = "auto"  # the best plan the model has for the step count: a shipped CALIBRATED one, else FALLBACK
 FALLBACK = "dpmpp_2m"
 
@@ -40,8 +41,8 @@ def shipped_steps(plans_dir: Path | None, kind: str) -> list[int]:
     """Step counts N with a plans_dir/<kind>-N.json (a model's shipped "usf" or "olss" plans)."""
     if plans_dir is None or not plans_dir.is_dir():
         return []
-    steps = (p.stem.rpartition("-")[2] for p in plans_dir.glob(f"{kind}-*.json"))
-    return sorted(int(n) for n in steps if n.isdigit())
+    names = (p.stem.rpartition("-") for p in plans_dir.glob(f"{kind}-*.json"))
+    return sorted(int(n) for head, _, n in names if head == kind and n.isdigit())
 
 
 def _stamp(path: Path) -> tuple:
@@ -379,6 +380,17 @@ class Engine:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device)
 
+    def _fresh_noise(self, seed: int, x_T: torch.Tensor):
+        """The noise a stochastic plan adds, as diffusers draws a scheduler's: from the CPU
+        generator seeded with `seed`, after x_T (so a seed gives the same images every time)."""
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        torch.randn(x_T.shape, generator=generator, dtype=self.dtype)  # x_T's draw
+
+        def noise(k: int, x: torch.Tensor) -> torch.Tensor:
+            return torch.randn(x.shape, generator=generator, dtype=self.dtype).to(x.device)
+
+        return noise
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -522,6 +534,8 @@ class Engine:
         plan.check_schedule(self.schedule)
         if self.distilled_steps is not None:
             self._check_distilled(plan)
+        if gate is not None and plan.stochastic:
+            check_inputs(compile_program(plan), torch.empty(1), gate)  # the loops' refusal, named early
         if gate is not None and not gate.active(plan.num_calls - 1):
             raise ValueError(
                 f"skip={skip!r}: the gate decides from model call {gate.first_call} on (warm-up), and this plan makes "
@@ -548,13 +562,24 @@ class Engine:
         """A progressively distilled student learned one plan's steps (two of its teacher's in each):
         another plan is refused, naming both."""
         own = self.plan_for("distilled", self.distilled_steps)
-        if plan.hash() != own.hash():
+        twice = 2 * self.distilled_steps
+        stochastic = (
+            self.plan_for("distilled_stochastic", twice)
+            if twice in self.shipped_plans("distilled_stochastic")
+            else None
+        )
+        if plan.hash() not in (own.hash(), stochastic.hash() if stochastic is not None else None):
+            also = (
+                f", or steps={twice} with sampler 'distilled_stochastic' (plans/distilled_stochastic-{twice}.json)"
+                if stochastic is not None
+                else ""
+            )
             raise ValueError(
                 f"this {self.name} student was distilled to sample with {self.distilled_steps} DDIM steps at times "
                 f"{[int(t) for t in own.times]} (plans/distilled-{self.distilled_steps}.json); the requested plan "
                 f"({plan.metadata.get('solver', 'plan')}, {plan.num_calls} calls at times "
                 f"{[round(float(t), 1) for t in plan.times]}) is another schedule: use steps={self.distilled_steps} "
-                "(sampler 'auto' or 'distilled')"
+                f"(sampler 'auto' or 'distilled'){also}"
             )
 
     def _check_feature_cache(self, interval, gate: GateSpec | None) -> int | None:
@@ -588,9 +613,16 @@ class Engine:
             self._feature_cache = FeatureCache(self.unet)
 
         def run() -> tuple[LoopResult, int]:
+            noise = self._fresh_noise(request.seed, x_T) if program.stochastic else None
             with nullcontext() if interval is None else self._feature_cache.session(interval) as session:
                 result = self.loop.run(
-                    program, denoiser, x_T, guidance=denoiser.guidance, gate=request.gate, callback=callback
+                    program,
+                    denoiser,
+                    x_T,
+                    guidance=denoiser.guidance,
+                    gate=request.gate,
+                    callback=callback,
+                    noise=noise,
                 )
             return result, 0 if session is None else session.calls - session.full
 

@@ -8,6 +8,8 @@ positions, or None for the whole batch): [len, ...] without guidance, [2·len, .
 [len] model times. guidance: None, a number, or one weight w per sample (g = u + w·(c − u)).
 gate: a `fastdiff.gate.GateSpec` or None. callback(k, t, x) runs after call k with the next
 model input (the result after the last call); x is the loop's buffer, clone it to keep it.
+noise(k, x) -> fresh standard normal noise shaped like x, the noise a stochastic Program adds
+after call k (`Program.noise`); None: torch.randn_like. Deterministic programs never call it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..program import Program
 
 RawFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]
+NoiseFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class ModelOutputError(ValueError):
@@ -53,6 +56,22 @@ def check_inputs(program, x_T, gate=None) -> None:
         raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
     if gate is not None and not isinstance(gate, GateSpec):
         raise TypeError(f"gate must be a fastdiff.gate.GateSpec or None, got {type(gate).__name__}")
+    if gate is not None and program.stochastic:
+        raise ValueError(
+            "the skip gate cannot run a stochastic plan: its smoothness test and its predicted outputs assume a "
+            "deterministic trajectory (sample without skip, or with a deterministic plan)"
+        )
+
+
+def fresh_noise(noise: NoiseFn | None, k: int, x: torch.Tensor) -> torch.Tensor:
+    """The noise added after call k: noise(k, x) checked against x, or torch.randn_like(x)."""
+    if noise is None:
+        return torch.randn_like(x)
+    eps = noise(k, x)
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"noise({k}, x) returned {got}; expected a tensor of shape {tuple(x.shape)}")
+    return eps.to(device=x.device, dtype=x.dtype)
 
 
 def guidance_weights(guidance, x_T: torch.Tensor) -> torch.Tensor | None:

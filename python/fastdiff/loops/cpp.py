@@ -65,10 +65,16 @@ def sampler_for(program):
     return sampler
 
 
-def run(program, raw_fn, x_T, *, guidance=None, gate: GateSpec | None = None, callback=None) -> LoopResult:
+def run(program, raw_fn, x_T, *, guidance=None, gate: GateSpec | None = None, callback=None, noise=None) -> LoopResult:
     """The loop contract (`fastdiff.loops.contract`) in C++; x_T: float32 CPU latents. A model
-    error surfaces as the C++ SamplerError (a RuntimeError naming the failing call)."""
+    error surfaces as the C++ SamplerError (a RuntimeError naming the failing call). Stochastic
+    programs are refused (the C++ runtime runs deterministic plans)."""
     check_inputs(program, x_T, gate)
+    if program.stochastic:
+        raise ValueError(
+            "loop 'cpp' runs deterministic plans only (plan file version 1): this plan adds fresh noise; "
+            "use loop 'reference'"
+        )
     require_float32_cpu(x_T, "loop 'cpp'")
     sampler = sampler_for(program)
     w = guidance_weights(guidance, x_T)

@@ -10,7 +10,8 @@ modules called without graphs), as `fastdiff.denoisers.GuidedDenoiser` does; any
 is captured as it is, with no tensors of its own.
 
 What one graph cannot do runs as the reference loop (the modules still replay their per-call
-graphs): a gate (its decisions need the host to compact the batch), a callback, and a loop that
+graphs): a gate (its decisions need the host to compact the batch), a callback, a stochastic
+program (its noise comes from the caller's generator on the host), and a loop that
 failed to capture once (something in the model synchronises), which is reported once as a
 RuntimeWarning and in `notes`.
 """
@@ -36,10 +37,12 @@ class GraphLoop:
         self.uncapturable: str | None = None  # why the loop could not be captured, once known
         self.notes: list[str] = []
 
-    def run(self, program, raw_fn, x_T, *, guidance=None, gate=None, callback=None) -> LoopResult:
+    def run(self, program, raw_fn, x_T, *, guidance=None, gate=None, callback=None, noise=None) -> LoopResult:
         check_inputs(program, x_T, gate)
-        if gate is not None or callback is not None or self.uncapturable:
-            return reference.run(program, raw_fn, x_T, guidance=guidance, gate=gate, callback=callback, impl=self.impl)
+        if gate is not None or callback is not None or program.stochastic or self.uncapturable:
+            return reference.run(
+                program, raw_fn, x_T, guidance=guidance, gate=gate, callback=callback, impl=self.impl, noise=noise
+            )
         try:
             latents = self._replay(program, raw_fn, x_T, guidance)
         except CaptureError as exc:

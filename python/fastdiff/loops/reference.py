@@ -5,9 +5,10 @@ The loop body is the update equation and nothing else: call the model on row x_r
 decision for the next call. The fused step is the Triton kernel on a GPU and the torch reference
 on the CPU (`impl`), so the CPU runs the code GPU users run. Without a gate nothing reads device
 memory back and nothing is copied from the host, so the same code is what the graph loop
-captures. With a gate the flags are read once per call to compact the batch: the model sees
-only the samples that need the call (`_Compaction`), the others take the gate's prediction
-from their last two outputs (GateSpec.reuse).
+captures. A stochastic Program adds fresh noise to the row written after a call (`noise`).
+With a gate the flags are read once per call to compact the batch: the model sees only the
+samples that need the call (`_Compaction`), the others take the gate's prediction from their
+last two outputs (GateSpec.reuse).
 
 `steps` is the loop as a generator (it yields each model call and receives the raw output), so
 a caller that owns the model calls — diffusers' pipeline loop driving `PlanScheduler` — runs the
@@ -23,7 +24,7 @@ import torch
 from ..gate import GateSpec
 from ..ops.step import fused_step, resolve_impl
 from ..program import Program
-from .contract import Callback, LoopResult, RawFn, check_inputs, checked_raw, guidance_weights
+from .contract import Callback, LoopResult, NoiseFn, RawFn, check_inputs, checked_raw, fresh_noise, guidance_weights
 
 name = "reference"
 
@@ -47,9 +48,10 @@ def run(
     gate: GateSpec | None = None,
     callback: Callback | None = None,
     impl: str = "auto",
+    noise: NoiseFn | None = None,
 ) -> LoopResult:
     """The loop contract (`fastdiff.loops.contract`) with the model behind raw_fn."""
-    loop = steps(program, x_T, guidance=guidance, gate=gate, callback=callback, impl=impl)
+    loop = steps(program, x_T, guidance=guidance, gate=gate, callback=callback, impl=impl, noise=noise)
     with torch.no_grad():
         call = next(loop)
         while True:
@@ -59,7 +61,7 @@ def run(
                 return done.value
 
 
-def steps(program, x_T, *, guidance=None, gate=None, callback=None, impl="auto"):
+def steps(program, x_T, *, guidance=None, gate=None, callback=None, impl="auto", noise=None):
     """The loop as a generator: yields a ModelCall per model call, expects its raw output sent
     back, and returns the LoopResult (StopIteration.value)."""
     check_inputs(program, x_T, gate)
@@ -82,6 +84,9 @@ def steps(program, x_T, *, guidance=None, gate=None, callback=None, impl="auto")
             raw = checked_raw(raw, computed * per_row, x, k)
         with torch.no_grad():
             fused_step(k, raw, w, basis, program, rows=rows, impl=impl, **(compaction.buffers() if compaction else {}))
+            if program.noise is not None and program.noise[k] != 0:
+                row = basis[int(program.dst[k, 1])]
+                row.add_(fresh_noise(noise, k, row), alpha=float(program.noise[k]))
             if compaction is not None and k + 1 < program.num_steps:
                 compaction.decide(k + 1)
         if callback is not None:

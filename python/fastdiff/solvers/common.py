@@ -4,6 +4,8 @@ option resolution with diffusers' precedence (schedule math lives in ``fastdiff.
 A solver is written like the diffusers loop it reproduces, but its latents are coefficient
 vectors over the basis (x_T, out_0, ..., out_{N-1}) instead of tensors. Every update is linear
 with scalar coefficients, so running the loop once on vectors yields the StepPlan exactly.
+A stochastic solver (Trace(stochastic=True)) also draws fresh noise, `Trace.noise()`: a further
+basis column per call, which the plan keeps as its noise columns.
 """
 
 from __future__ import annotations
@@ -25,16 +27,30 @@ class SolverError(ValueError):
 class Trace:
     """Records model calls of a solver running on coefficient vectors."""
 
-    def __init__(self, num_calls: int):
+    def __init__(self, num_calls: int, *, stochastic: bool = False):
         if num_calls < 1:
             raise SolverError(f"a plan needs at least one model call, got {num_calls}")
         self.num_calls = num_calls
+        self.size = num_calls + 1 + (num_calls if stochastic else 0)  # basis columns, then noise columns
         self.rows: list[np.ndarray] = []
         self.times: list[float] = []
+        self._drawn = -1  # the call after which noise was last drawn
 
     def x_T(self) -> np.ndarray:
-        v = np.zeros(self.num_calls + 1)
+        v = np.zeros(self.size)
         v[0] = 1.0
+        return v
+
+    def noise(self) -> np.ndarray:
+        """Fresh standard normal noise drawn after the last call (at most one draw per call)."""
+        m = len(self.rows) - 1
+        if self.size == self.num_calls + 1:
+            raise SolverError("this trace is deterministic: Trace(stochastic=True) draws noise")
+        if m < 0 or m == self._drawn:
+            raise SolverError("noise is drawn once after a model call (and not before the first)")
+        self._drawn = m
+        v = np.zeros(self.size)
+        v[self.num_calls + 1 + m] = 1.0
         return v
 
     def call(self, model_input: np.ndarray, t: float) -> np.ndarray:
@@ -44,7 +60,7 @@ class Trace:
             raise SolverError(f"solver made more than the {self.num_calls} model calls it announced")
         self.rows.append(np.array(model_input, dtype=np.float64))
         self.times.append(float(t))
-        out = np.zeros(self.num_calls + 1)
+        out = np.zeros(self.size)
         out[k + 1] = 1.0
         return out
 
@@ -64,9 +80,11 @@ class Trace:
         defaults to the VP scale 1/√(1 + out_sigma²); σ-space solvers such as Euler pass 1)."""
         if len(self.rows) != self.num_calls:
             raise SolverError(f"solver made {len(self.rows)} model calls but announced {self.num_calls}")
-        coef = np.vstack(self.rows + [np.asarray(result, dtype=np.float64)])
+        full = np.vstack(self.rows + [np.asarray(result, dtype=np.float64)])
+        n = self.num_calls
         # Rows only ever mix earlier columns; exact zeros above the diagonal by construction.
-        coef = np.tril(coef)
+        coef = np.tril(full[:, : n + 1])
+        noise = np.tril(full[:, n + 1 :], -1) if full.shape[1] > n + 1 else None
         try:
             return StepPlan(
                 self.times,
@@ -82,6 +100,7 @@ class Trace:
                     "out_alpha": float(1.0 / np.sqrt(1.0 + out_sigma**2) if out_alpha is None else out_alpha),
                     "diffusers_class": diffusers_class,
                 },
+                noise=noise,
             )
         except PlanError as exc:
             raise SolverError(f"{solver} with {steps} steps produced an invalid plan: {exc}") from exc

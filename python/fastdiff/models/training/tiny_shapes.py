@@ -55,7 +55,7 @@ def train_vae(components: Components, steps: int, batch: int, seed: int, progres
     return {**log, "scaling_factor": scaling, "eval_mse": float(torch.nn.functional.mse_loss(recon, images))}
 
 
-def _encode_dataset(components: Components, n: int, seed: int, batch: int = 256):
+def encode_dataset(components: Components, n: int, seed: int, batch: int = 256):
     """Latent moments and captions of n fresh scenes (the UNet samples from the moments)."""
     g = torch.Generator().manual_seed(seed)
     means, stds, captions = [], [], []
@@ -85,7 +85,7 @@ def train_unet(
     schedule = DiscreteSchedule.from_config(SCHEDULER_CONFIG)
     ac = torch.tensor(schedule.alphas_cumprod, dtype=torch.float32)
     scaling = components.vae.config.scaling_factor
-    means, stds, captions = _encode_dataset(components, dataset_size, seed + 1)
+    means, stds, captions = encode_dataset(components, dataset_size, seed + 1)
     unet, text_encoder = components.unet.train(), components.text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4)
