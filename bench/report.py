@@ -408,6 +408,14 @@ def distill_targets(rows: list[dict]) -> str:
             lines.append(
                 f"- w={w:g}: 4-step student FD {four:.1f} = {ratio:.2f}x the teacher's {teacher:.1f} ({verdict})"
             )
+        sto = at.get(("steps-2 stochastic", 4))
+        if teacher is not None and sto is not None:
+            ratio = sto / teacher
+            verdict = "within 1.1x" if ratio <= 1.1 else "over 1.1x"
+            lines.append(
+                f"- w={w:g}: 4 steps with the stochastic sampler (the 2-step student on the 4-step grid) FD {sto:.1f} "
+                f"= {ratio:.2f}x the teacher's ({verdict})"
+            )
         olss = at.get(("teacher+olss", 4))
         two = {m: fd for (m, e), fd in at.items() if e == 2 and not m.startswith("teacher")}
         if olss is not None and two:
@@ -434,6 +442,7 @@ def distill_plot(rows: list[dict], path: Path) -> None:
         lines = {
             "teacher + DPM-Solver++(2M), CFG": [r for r in mine if r["method"] == "teacher+dpmpp_2m"],
             "teacher + OLSS, CFG": [r for r in mine if r["method"] == "teacher+olss"],
+            "teacher + USF, CFG": [r for r in mine if r["method"] == "teacher+usf"],
             "progressive students (DDIM)": [
                 r for r in mine if r["method"].startswith("steps-") and "stoch" not in r["method"]
             ],
@@ -442,17 +451,22 @@ def distill_plot(rows: list[dict], path: Path) -> None:
         for i, (label, group) in enumerate(lines.items()):
             points = sorted((r["unet_evaluations"], r["fd"]) for r in group)
             if points:
-                ax.plot(*zip(*points), marker="os^D"[i], markersize=4, linewidth=1.4, label=label)
+                ax.plot(*zip(*points), marker="osv^D"[i], markersize=4, linewidth=1.4, label=label)
         for r in mine:
             if r["method"] in ("teacher+ddim", "guided"):
-                ax.scatter([r["unet_evaluations"]], [r["fd"]], marker="*", s=90, zorder=3)
+                teacher = r["method"] == "teacher+ddim"
+                ax.scatter(
+                    [r["unet_evaluations"]], [r["fd"]], marker="*", s=90, zorder=3, color="k" if teacher else "C5"
+                )
                 ax.annotate(
-                    "teacher CFG DDIM-64" if r["method"] == "teacher+ddim" else "guided student DDIM-64",
+                    "teacher, CFG DDIM-64" if teacher else "guided student, DDIM-64",
                     (r["unet_evaluations"], r["fd"]),
                     fontsize=7,
-                    xytext=(4, 4),
+                    xytext=(-70, -16) if teacher else (-70, 10),
                     textcoords="offset points",
                 )
+                if teacher:
+                    ax.axhline(1.1 * r["fd"], color="grey", linewidth=0.8, linestyle=":", label="1.1x the teacher's FD")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("UNet evaluations per image")
@@ -550,6 +564,25 @@ def service_table(benchmarks: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def serving_table(benchmarks: list[dict]) -> str:
+    """`fastdiff serve` under load (bench/test_serving.py): a row per (batching, replicas), with the
+    speed-up of batching over the same replicas without it."""
+    rows = [b["extra_info"] for b in benchmarks if b.get("group") == "serving-load"]
+    plain = {r["replicas"]: r["images_per_s"] for r in rows if not r["batching"]}
+    lines = [
+        "| batching | replicas | images/s | vs unbatched | p50 latency | p99 latency | images per sampling call | "
+        "errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(rows, key=lambda r: (r["replicas"], not r["batching"])):
+        ratio = r["images_per_s"] / plain[r["replicas"]] if r["replicas"] in plain else float("nan")
+        lines.append(
+            f"| {'on' if r['batching'] else 'off'} | {r['replicas']} | {r['images_per_s']:.1f} | {ratio:.2f}x | "
+            f"{r['p50_ms']:.0f} ms | {r['p99_ms']:.0f} ms | {r['mean_batch_images']:.1f} | {r['errors']} |"
+        )
+    return "\n".join(lines)
+
+
 def timing_table(benchmarks: list[dict]) -> str:
     lines = ["| benchmark | mean | stddev | rounds |", "| --- | --- | --- | --- |"]
     for b in benchmarks:
@@ -641,6 +674,18 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(f"Machine: {where}.")
         olss_plot(benchmarks, args.out / "search_quality.png", "search-quality", ("usf", "olss", "auto"))
         _write(args.out / "search_quality.md", "\n\n".join(parts) + "\n", args.out / "search_quality.png")
+    if any(b.get("group") == "serving-load" for b in benchmarks):
+        r0 = next(b["extra_info"] for b in benchmarks if b.get("group") == "serving-load")
+        text = (
+            "# fastdiff serve under load\n\nbench/test_serving.py: tiny-shapes, "
+            f"{r0['steps']} steps, {r0['clients']} concurrent HTTP clients (closed loop) sending {r0['requests']} "
+            "requests to a local Ray Serve instance, with dynamic batching (@serve.batch) on and off and 1 and 2 "
+            "replicas (1 CPU each), side by side in one run; images/s over the whole run, latency per request. "
+            f"Machine: {where}.\n\n{serving_table(benchmarks)}\n"
+        )
+        if any(b.get("group") == "service-cpu" for b in benchmarks):
+            text += f"\nThe C++ service on the same model in the same run (no Python):\n\n{service_table(benchmarks)}\n"
+        _write(args.out / "serving.md", text)
     rows = distill_rows(benchmarks)
     if rows:
         samples = rows[0]["samples"]
