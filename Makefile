@@ -11,10 +11,11 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo test test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
+.PHONY: demo serve test test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
+	@echo "make serve  - install and serve tiny-shapes over HTTP on a local Ray instance (fastdiff serve)"
 	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests, and check-cuda"
 	@echo "make check-cuda - compile the CUDA runner example against CUDA 12.3/12.4/13 headers and for sm_80/sm_90 (no GPU)"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
@@ -44,6 +45,10 @@ DEMO_PROMPT ?= a red circle on a blue background
 
 demo: install
 	$(PY) -m fastdiff.cli sample "$(DEMO_PROMPT)" --model tiny-shapes --steps 5 --seed 0 --scale 8 --out demo/tiny-shapes.png
+
+# An HTTP service of tiny-shapes on a local Ray instance (Ctrl-C stops it).
+serve: install
+	$(PY) -m fastdiff.cli serve --model tiny-shapes
 
 # The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
 # the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is

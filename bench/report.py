@@ -680,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             "# fastdiff serve under load\n\nbench/test_serving.py: tiny-shapes, "
             f"{r0['steps']} steps, {r0['clients']} concurrent HTTP clients (closed loop) sending {r0['requests']} "
             "requests to a local Ray Serve instance, with dynamic batching (@serve.batch) on and off and 1 and 2 "
-            "replicas (1 CPU each), side by side in one run; images/s over the whole run, latency per request. "
+            "replicas (1 CPU and 1 intra-op thread each), side by side in one run; images/s over the whole run, "
+            "latency per request. "
             f"Machine: {where}.\n\n{serving_table(benchmarks)}\n"
         )
         if any(b.get("group") == "service-cpu" for b in benchmarks):

@@ -138,6 +138,21 @@ def test_distill_report_renders_the_frontier_and_the_targets(tmp_path):
     assert (out / "distill_quality.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_serving_report_puts_batching_against_the_same_replicas_unbatched(tmp_path):
+    def bench(batching, replicas, rate, group="serving-load"):
+        info = {"batching": batching, "replicas": replicas, "images_per_s": rate, "p50_ms": 500.0, "p99_ms": 900.0}
+        info.update(errors=0, mean_batch_images=6.0 if batching else 1.0, clients=16, requests=96, steps=8)
+        stats = {"mean": 1.0, "stddev": 0.0, "min": 1.0, "max": 1.0, "rounds": 1}
+        return {"name": f"s[{batching}-{replicas}]", "group": group, "extra_info": info, "stats": stats}
+
+    rows = [bench(True, 1, 27.0), bench(False, 1, 6.0), bench(True, 2, 30.0), bench(False, 2, 12.0)]
+    doc = {"machine_info": {"cpu": {"brand_raw": "test CPU"}, "python_version": "3"}, "benchmarks": rows}
+    text = (_render(tmp_path, doc) / "serving.md").read_text()
+    assert "| on | 1 | 27.0 | 4.50x | 500 ms | 900 ms | 6.0 | 0 |" in text
+    assert "| off | 2 | 12.0 | 1.00x |" in text and "| on | 2 | 30.0 | 2.50x |" in text
+    assert "16 concurrent HTTP clients" in text
+
+
 def test_parity_backends_and_runtime_reports_name_the_commit(tmp_path):
     def bench(group, extra, median=0.01):
         stats = {"mean": median, "median": median, "stddev": 0.0, "min": median, "max": median, "rounds": 1}

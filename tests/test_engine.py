@@ -74,6 +74,10 @@ def test_an_explicit_plan_overrides_sampler_and_steps(engine):
         ({"negative_prompt": ["a", "b"]}, ValueError, "2 negative prompts for 1 prompts"),
         ({"skip": "always"}, ValueError, "skip must be None, 'adaptive' or a GateSpec"),
         ({"plan": "missing-plan.json"}, ValueError, "cannot open plan file 'missing-plan.json'"),
+        ({"guidance_scale": [2.0, 3.0]}, ValueError, "2 guidance weights for 1 prompts"),
+        ({"guidance_scale": float("nan")}, ValueError, "guidance_scale must be a finite number"),
+        ({"latents": torch.zeros(2, 4, 8, 8)}, ValueError, r"latents have shape \(2, 4, 8, 8\), expected \(1, "),
+        ({"latents": [0.0]}, TypeError, "latents must be a floating-point torch.Tensor"),
     ],
 )
 def test_bad_arguments_name_the_problem(engine, kwargs, error, message):
@@ -184,3 +188,15 @@ def test_adaptive_skipping_reports_the_calls_made_per_image(engine, monkeypatch)
     with pytest.raises(ValueError, match="decides from model call 6 on .* this plan makes 5 calls"):
         engine.sample(prompts[0], steps=5, skip=GateSpec(warmup=6))
     assert engine.sample(prompts[0], steps=4, seed=1, skip="adaptive").nfe[0] <= 4  # call 3 may be skipped
+
+
+def test_latents_and_per_prompt_guidance_are_what_a_batch_of_requests_needs(engine):
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    a = engine.sample(prompts[0], steps=3, seed=1, guidance_scale=2.0)
+    b = engine.sample(prompts[1], steps=3, seed=2, guidance_scale=4.0)
+    x_T = torch.cat([engine.initial_noise(1, seed=1), engine.initial_noise(1, seed=2)])
+    both = engine.sample(prompts, steps=3, latents=x_T, guidance_scale=[2.0, 4.0])
+    torch.testing.assert_close(both.latents, torch.cat([a.latents, b.latents]), rtol=1e-4, atol=1e-4)
+    request = engine.prepare(prompts, 3, guidance_scale=[2.0, 4.0], num_images=2, seed=5)
+    assert request.prompts == [prompts[0]] * 2 + [prompts[1]] * 2 and request.guidance.tolist() == [2, 2, 4, 4]
+    assert request.plan.num_calls == 3 and request.seed == 5

@@ -423,6 +423,58 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def serve_settings(args) -> dict:
+    """The serve settings of `fastdiff serve`: --config, then the options given on the command line."""
+    from .serving.settings import ServeSettings, read_settings
+
+    doc = read_settings(args.config) if args.config else {}
+    if args.model:
+        doc["models"] = list(args.model)
+    if args.weights:
+        models = doc.get("models") or ["tiny-shapes"]
+        if len(models) != 1:
+            raise ValueError("--weights needs exactly one --model (use 'weights' in --config for several)")
+        doc["weights"] = {models[0]: args.weights}
+    for key, value in (("device", args.device), ("dtype", args.dtype), ("replicas", args.replicas)):
+        if value is not None:
+            doc[key] = value
+    if args.no_batching:
+        doc["batching"] = False
+    if args.max_batch_size is not None:
+        doc["max_batch_size"] = args.max_batch_size
+    if args.batch_wait_ms is not None:
+        doc["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
+    limits = dict(doc.get("limits") or {})
+    for key in ("max_steps", "max_images", "max_side", "max_in_flight"):
+        if getattr(args, key) is not None:
+            limits[key] = getattr(args, key)
+    doc["limits"] = limits
+    ServeSettings.from_dict(doc)
+    return doc
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    settings = serve_settings(args)
+    from .serving.app import run_service
+
+    models = ", ".join(settings.get("models") or ["tiny-shapes"])
+    try:
+        with run_service(settings, host=args.host, port=args.port, address=args.address) as url:
+            print(f"fastdiff serving {models} at {url} (playground: {url}/, API docs: {url}/docs); Ctrl-C stops it")
+            sys.stdout.flush()
+            if args.run_for is not None:
+                time.sleep(args.run_for)
+            else:
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    print("stopped")
+    return 0
+
+
 def cmd_bench_gmm(args) -> int:
     from tqdm import tqdm
 
@@ -876,6 +928,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the onnxruntime check against torch at another batch and spatial size",
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "serve",
+        help="an HTTP service of the models on Ray Serve (POST /v1/images, a playground page at /)",
+        description="Serves the models over HTTP on Ray Serve: POST /v1/images, GET /v1/models, /healthz, /readyz, "
+        "the API's docs at /docs and a playground page at /. Starts a local Ray instance unless --address names a "
+        'cluster; runs until interrupted (Ctrl-C). Needs the serve extra: pip install "fastdiff[serve]".',
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="a model to serve (repeat for several; default: tiny-shapes); requests name it in 'model'",
+    )
+    p.add_argument("--weights", default=None, help="weights directory of the (single) model, as for sample")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="the engines' dtype (default: float16 on CUDA, else float32)")
+    p.add_argument("--replicas", type=int, default=None, help="replicas per model (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="a Ray cluster to deploy onto (ray://HOST:10001 or auto); default: start a local Ray instance",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a YAML or JSON file of serve settings (models, weights, replicas, autoscaling, batching, limits; "
+        "see README); command-line options override it",
+    )
+    p.add_argument("--no-batching", action="store_true", help="run every request alone (no @serve.batch)")
+    p.add_argument("--max-batch-size", type=int, default=None, help="requests per sampling call at most (default 8)")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="how long a batch waits to fill, milliseconds (default 50)"
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per request (default 100)")
+    p.add_argument("--max-images", type=int, default=None, help="cap on images per request (default 8)")
+    p.add_argument("--max-side", type=int, default=None, help="cap on height and width in pixels (default 512)")
+    p.add_argument(
+        "--max-in-flight", type=int, default=None, help="requests in flight before 429 Retry-After (default 64)"
+    )
+    p.add_argument("--run-for", type=float, default=None, help=argparse.SUPPRESS)  # seconds, then shut down (tests)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench", help="quick benchmarks that print tables")
     bench = p.add_subparsers(dest="bench", required=True)

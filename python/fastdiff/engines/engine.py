@@ -8,6 +8,7 @@ modules execute (eager, CUDA graphs, torch.compile); the loop how the Program ru
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -81,7 +82,7 @@ class _Request:
 
     prompts: list[str]  # one per image
     negatives: list[str] | None
-    guidance: float
+    guidance: float | torch.Tensor  # one weight, or one per image
     seed: int
     height: int
     width: int
@@ -451,6 +452,7 @@ class Engine:
         callback=None,
         skip: str | GateSpec | None = None,
         feature_cache: int | None = None,
+        latents: torch.Tensor | None = None,
     ) -> SampleOutput:
         """Sample images. A list of prompts is one batch; each prompt gets num_images images.
 
@@ -465,11 +467,15 @@ class Engine:
         `fastdiff.engines.feature_cache`; eager backend, per-batch gate decisions only). The
         initial noise is drawn like diffusers does (CPU generator seeded with `seed`,
         in the model's dtype), so a diffusers pipeline with a PlanScheduler reproduces the images.
+        guidance_scale may be one weight per prompt; latents (diffusers' convention) replaces the
+        initial noise, [prompts x num_images, C, h, w] (`initial_noise`): a server batching requests
+        of different seeds draws each request's own.
         """
         start = time.perf_counter()
         request = self._request(
             prompt, steps, guidance_scale, negative_prompt, seed, num_images, height, width, sampler, plan, skip
         )
+        x_T = None if latents is None else self._check_latents(latents, request)
         interval = self._check_feature_cache(feature_cache, request.gate)
         notes: list[str] = []
         try:
@@ -479,9 +485,10 @@ class Engine:
             )
             self._sync()
             encoded = time.perf_counter()
-            x_T = self.initial_noise(
-                len(request.prompts), seed=request.seed, height=request.height, width=request.width
-            )
+            if x_T is None:
+                x_T = self.initial_noise(
+                    len(request.prompts), seed=request.seed, height=request.height, width=request.width
+                )
             result, shallow = self._denoise(request, denoiser, x_T, callback, notes, interval)
             self._sync()
             denoised = time.perf_counter()
@@ -508,6 +515,27 @@ class Engine:
             plan=request.plan,
             random_weights=self.random_weights,
             notes=notes,
+        )
+
+    def prepare(
+        self,
+        prompt: str | list[str],
+        steps: int = 5,
+        *,
+        guidance_scale=None,
+        negative_prompt=None,
+        seed: int | None = None,
+        num_images: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        sampler: str | None = None,
+        skip=None,
+    ) -> _Request:
+        """sample()'s arguments checked and resolved (the plan, the gate, the seed, the prompts per
+        image) without sampling: a server checks a request this way before queueing it.
+        ValueError/TypeError name what is wrong."""
+        return self._request(
+            prompt, steps, guidance_scale, negative_prompt, seed, num_images, height, width, sampler, None, skip
         )
 
     def _request(
@@ -550,13 +578,46 @@ class Engine:
         return _Request(
             prompts=[p for p in prompts for _ in range(num_images)],
             negatives=negatives,
-            guidance=self.guidance_scale if guidance_scale is None else float(guidance_scale),
+            guidance=self._guidance(guidance_scale, len(prompts), num_images),
             seed=random.randrange(2**31) if seed is None else int(seed),
             height=height,
             width=width,
             plan=plan,
             gate=gate,
         )
+
+    def _guidance(self, guidance_scale, prompts: int, num_images: int) -> float | torch.Tensor:
+        """One weight (the model's by default), or a list of one per prompt as a tensor per image."""
+        if guidance_scale is None:
+            return self.guidance_scale
+        if isinstance(guidance_scale, (list, tuple)):
+            if len(guidance_scale) != prompts:
+                raise ValueError(
+                    f"{len(guidance_scale)} guidance weights for {prompts} prompts: give one or one per prompt"
+                )
+            weights = [float(w) for w in guidance_scale]
+            if not all(math.isfinite(w) for w in weights):
+                raise ValueError(f"guidance weights must be finite numbers, got {list(guidance_scale)}")
+            return torch.tensor([w for w in weights for _ in range(num_images)], dtype=torch.float32)
+        value = float(guidance_scale)
+        if not math.isfinite(value):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        return value
+
+    def _check_latents(self, latents, request: _Request) -> torch.Tensor:
+        """The caller's initial noise, checked against the request and moved to the engine."""
+        f = self.decoder.factor
+        shape = (len(request.prompts), self.decoder.channels, request.height // f, request.width // f)
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError(f"latents must be a floating-point torch.Tensor of shape {shape}")
+        if tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}, expected {shape} (prompts x num_images, channels, "
+                f"height / {f}, width / {f})"
+            )
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("latents hold NaN or inf values")
+        return latents.to(device=self.device, dtype=self.dtype)
 
     def _check_distilled(self, plan: StepPlan) -> None:
         """A progressively distilled student learned one plan's steps (two of its teacher's in each):
