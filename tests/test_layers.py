@@ -22,7 +22,7 @@ LAYERS = [
     ("engines", "diffusers"),
     ("models",),
     ("calibration", "distill"),
-    ("testing", "export", "aoti"),
+    ("testing", "export", "aoti", "serving"),
     ("info", "cli"),
     ("",),
 ]

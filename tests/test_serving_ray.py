@@ -83,6 +83,28 @@ def test_a_local_service_batches_concurrent_requests(local_ray):
         assert httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"] == "tiny-shapes"
 
 
+def test_autoscaling_settings_and_metrics_reach_ray(local_ray):
+    import ray
+
+    from fastdiff.serving.app import run_service
+
+    port = _port()
+    settings = {"models": ["tiny-shapes"], "autoscaling": {"min_replicas": 2, "max_replicas": 3}, "num_cpus": 1}
+    with run_service(settings, port=port) as url:
+        _wait_ready(url)
+        assert len(_replica_actors("ImageModel-tiny-shapes")) == 2  # min_replicas, not the default 1
+        for i in range(3):
+            assert httpx.post(f"{url}/v1/images", json={"prompt": PROMPT, "steps": 2, "seed": i}, timeout=60).is_success
+        metrics_port = ray.nodes()[0]["MetricsExportPort"]
+        deadline, text = time.monotonic() + 90, ""
+        while time.monotonic() < deadline:  # Ray's metrics agent exports every few seconds
+            text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+            if "fastdiff_images" in text and "serve_num_http_requests" in text:
+                break
+            time.sleep(2)
+        assert "fastdiff_images" in text and "fastdiff_unet_calls" in text and "serve_num_http_requests" in text
+
+
 def test_replicas_on_two_nodes_both_serve():
     import ray
     from ray.cluster_utils import Cluster

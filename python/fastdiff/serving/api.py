@@ -122,7 +122,7 @@ def make_app(backend, limits: Limits | None = None):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from .. import __version__
+    from .._version import __version__
 
     limits = limits or Limits()
     ImageRequest = _models()

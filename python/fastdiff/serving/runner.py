@@ -77,14 +77,14 @@ class ModelRunner:
         """The engine of `model` (build_engine options) built and warmed up on the runner's thread."""
         from concurrent.futures import ThreadPoolExecutor
 
-        import fastdiff
+        from ..models.registry import build_engine
 
         executor = ThreadPoolExecutor(1, thread_name_prefix=f"fastdiff-{model}")
 
         def make():
             if threads is not None:
                 torch.set_num_threads(threads)
-            engine = fastdiff.build_engine(model, **options)
+            engine = build_engine(model, **options)
             engine.sample("warm up", steps=2, sampler="ddim", seed=0)
             return engine
 
