@@ -11,12 +11,13 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo serve test test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
+.PHONY: demo serve test test-reliability test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
 	@echo "make serve  - install and serve tiny-shapes over HTTP on a local Ray instance (fastdiff serve)"
 	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests, and check-cuda"
+	@echo "make test-reliability - the reliability suite (fuzzed files through both readers), with its counts"
 	@echo "make check-cuda - compile the CUDA runner example against CUDA 12.3/12.4/13 headers and for sm_80/sm_90 (no GPU)"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
 	@echo "make bench-check - run the benchmark subset marked 'check' and compare it with this machine class's baseline"
@@ -49,6 +50,12 @@ demo: install
 # An HTTP service of tiny-shapes on a local Ray instance (Ctrl-C stops it).
 serve: install
 	$(PY) -m fastdiff.cli serve --model tiny-shapes
+
+# The reliability suite (tests/reliability, also part of `make test`): fuzzed files through both
+# readers, counted; the counts are printed from build/reliability/*.json.
+test-reliability: install
+	FASTDIFF_RELIABILITY_OUT=build/reliability $(PY) -m pytest -q -m reliability tests/reliability
+	@$(PY) -c "import json, pathlib; [print(p.stem, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != 'per_category'})) for p in sorted(pathlib.Path('build/reliability').glob('*.json'))]"
 
 # The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
 # the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is

@@ -122,7 +122,7 @@ def test_a_plan_file_carries_its_program_and_reads_back_verified(sd_schedule, tm
     [
         ("bad_coef", r"call 3's input differs from coef row 3 by 0\.248 \(the program was compiled for another plan"),
         ("bad_other_plan", "call 1's input differs from coef row 1"),
-        ("bad_size", r"x_row has shape \(5,\), expected \(6,\)"),
+        ("bad_size", r"x_row must be an array of 6 entries, found 5 entries"),
     ],
 )
 def test_corrupt_or_foreign_programs_are_refused_as_the_cpp_reader_does(name, message):
@@ -136,15 +136,23 @@ def test_corrupt_or_foreign_programs_are_refused_as_the_cpp_reader_does(name, me
 def test_malformed_program_fields_are_named(sd_schedule):
     compiled = program.compile(solvers.build("ddim", sd_schedule, 4))
     doc = compiled.to_dict()
-    with pytest.raises(ProgramError, match="src must be an array of numbers"):
+    with pytest.raises(ProgramError, match="src must be an array of 4 entries, found 'nope'"):
         program.from_dict({**doc, "src": "nope"}, compiled.plan)
-    with pytest.raises(ProgramError, match="width must be an integer"):
+    with pytest.raises(ProgramError, match="width must be an integer, found a number"):
         program.from_dict({**doc, "width": 8.5}, compiled.plan)
+    with pytest.raises(ProgramError, match=r"dst\[0\]\[1\] must be an integer, found a boolean"):
+        program.from_dict({**doc, "dst": [[doc["dst"][0][0], True], *doc["dst"][1:]]}, compiled.plan)
+    with pytest.raises(ProgramError, match=r"x_row\[0\] is out of range, found 10000000000"):
+        program.from_dict({**doc, "x_row": [10**10, *doc["x_row"][1:]]}, compiled.plan)
+    with pytest.raises(ProgramError, match=r"gcoef\[0\]\[1\] is not finite \(nan\)"):
+        program.from_dict({**doc, "gcoef": [[doc["gcoef"][0][0], float("nan")], *doc["gcoef"][1:]]}, compiled.plan)
+    with pytest.raises(ProgramError, match="field 'coef' is missing"):
+        program.from_dict({k: v for k, v in doc.items() if k != "coef"}, compiled.plan)
     with pytest.raises(ProgramError, match="reads row 1, which holds nothing at that point"):
         src = np.array(doc["src"])
         src[0, 1, 1] = 1
         program.from_dict({**doc, "src": src.tolist()}, compiled.plan)
-    with pytest.raises(ProgramError, match="the program must be an object"):
+    with pytest.raises(ProgramError, match="'program' must be an object, found an array"):
         program.from_dict([1, 2], compiled.plan)
     with pytest.raises(TypeError, match="compile needs a StepPlan"):
         program.compile(compiled)

@@ -64,8 +64,8 @@ class Parser {
   }
 
   Value value(int depth) {
+    skip_ws();  // an error names the offset of the value itself (Python's reader says the same)
     if (depth > kMaxDepth) fail("nesting deeper than " + std::to_string(kMaxDepth));
-    skip_ws();
     if (pos_ >= s_.size()) fail("expected a value");
     Value v;
     char c = s_[pos_];

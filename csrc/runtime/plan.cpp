@@ -61,6 +61,12 @@ const Value& program_field(const Value& prog, const std::string& key) {
 
 int64_t program_int(const Value& v, const std::string& what) {
   if (!is_number(v) || !v.is_integer) program_error(what + " must be an integer, found " + describe(v));
+  if (std::fabs(v.number) > 2147483647.0) {  // table entries are int32; a larger cast is undefined
+    std::ostringstream s;
+    s.precision(0);
+    s << std::fixed << v.number;
+    program_error(what + " is out of range, found " + s.str());
+  }
   return static_cast<int64_t>(v.number);
 }
 
@@ -153,7 +159,12 @@ void StepPlan::validate() const {
   }
 }
 
+constexpr size_t kMaxPlanBytes = size_t(64) << 20;  // a 1000-call plan is about 20 MB
+
 StepPlan parse_plan(const std::string& text) {
+  if (text.size() > kMaxPlanBytes)
+    throw PlanError("size", "plan file is " + std::to_string(text.size()) +
+                                " bytes; this fastdiff reads plans of at most 67108864 bytes (64 MiB)");
   Value doc;
   try {
     doc = json::parse(text);

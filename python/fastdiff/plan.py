@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,52 @@ from .schedules import PREDICTION_TYPES
 PLAN_FORMAT = "fastdiff.stepplan"
 PLAN_VERSION = 1
 STOCHASTIC_PLAN_VERSION = 2  # a plan with fresh-noise columns
+
+
+MAX_PLAN_BYTES = 64 << 20  # a 1000-call plan is about 20 MB (the C++ reader's kMaxPlanBytes)
+MAX_JSON_DEPTH = 64  # nesting the readers accept (the C++ parser's kMaxDepth)
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}:,]|[^\s\[\]{}:,"]+')
+
+
+def _depth(doc) -> int:
+    """Nesting depth of a parsed JSON value (a scalar: 0, [] or [1]: 1)."""
+    deepest, stack = 0, [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def _too_deep(text: str) -> str | None:
+    """Where the first value nested deeper than MAX_JSON_DEPTH starts, as the C++ parser says it
+    (" at offset N", or the truncated-file hint), or None."""
+    open_ = []  # the open containers: "[" or "{"
+    expect_value = True  # at the document's start, after "[", "," in an array, or ":"
+    for m in _TOKEN.finditer(text):
+        tok = m.group()
+        if tok in ("]", "}"):
+            if open_:
+                open_.pop()
+            expect_value = False
+            continue
+        if tok == ",":
+            expect_value = bool(open_) and open_[-1] == "["
+            continue
+        if tok == ":":
+            expect_value = True
+            continue
+        if expect_value and len(open_) > MAX_JSON_DEPTH:
+            return f" at offset {m.start()}"
+        if tok in ("[", "{"):
+            open_.append(tok)
+            expect_value = tok == "["
+        else:
+            expect_value = False
+    if len(open_) > MAX_JSON_DEPTH:
+        return " (the text ends early: truncated file?)"
+    return None
 
 
 class PlanError(ValueError):
@@ -178,7 +225,7 @@ class StepPlan:
                     f"{_describe(self.num_train_timesteps)}",
                     "field",
                 )
-            out = (t < 0) | (t > self.num_train_timesteps - 1)
+            out = (t < 0) | (t > float(self.num_train_timesteps) - 1)
             if np.any(out):
                 k = int(np.flatnonzero(out)[0])
                 raise PlanError(
@@ -377,11 +424,23 @@ class StepPlan:
 
     @classmethod
     def loads(cls, text: str) -> StepPlan:
+        size = len(text) if len(text) * 4 <= MAX_PLAN_BYTES else len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(
+                f"plan file is {size} bytes; this fastdiff reads plans of at most {MAX_PLAN_BYTES} bytes (64 MiB)",
+                "size",
+            )
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as exc:
             hint = " (the text ends early: truncated file?)" if exc.pos >= len(text.rstrip()) else ""
             raise PlanError(f"plan file is not valid JSON: {exc.msg} at offset {exc.pos}{hint}", "json") from exc
+        except RecursionError:
+            doc = None  # nested deeper than Python's own limit: found by the scan below
+        if doc is None or _depth(doc) > MAX_JSON_DEPTH:
+            where = _too_deep(text)
+            if where is not None:
+                raise PlanError(f"plan file is not valid JSON: nesting deeper than {MAX_JSON_DEPTH}{where}", "json")
         return cls.from_dict(doc)
 
     @classmethod

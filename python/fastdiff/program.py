@@ -41,6 +41,7 @@ rounding for classic solvers). A plan file may carry its Program as a cache (`sa
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -51,7 +52,7 @@ import numpy as np
 
 from .dtypes import compute_dtype
 from .gate import REUSE_MODES
-from .plan import PlanError, StepPlan
+from .plan import PlanError, StepPlan, _describe, _nonfinite_name
 
 MIN_WIDTH = 8  # table width (columns per row) is a multiple of this: few distinct kernel variants
 _CACHE_SIZE = 64  # compiled programs kept, by plan hash
@@ -259,48 +260,75 @@ def _rebind(program: Program, plan: StepPlan) -> Program:
     return Program(plan=plan, _on_device=program._on_device, **fields)
 
 
+INT_RANGE = 2**31 - 1  # table entries are int32 (the C++ reader refuses the same)
+
+
+def _field(doc: dict, key: str):
+    if key not in doc:
+        raise ProgramError(f"field '{key}' is missing")
+    return doc[key]
+
+
+def _int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProgramError(f"{what} must be an integer, found {_describe(value)}")
+    if abs(value) > INT_RANGE:
+        raise ProgramError(f"{what} is out of range, found {value}")
+    return value
+
+
+def _number(value, what: str) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ProgramError(f"{what} must be a number, found {_describe(value)}")
+    if not math.isfinite(value):
+        raise ProgramError(f"{what} is not finite ({_nonfinite_name(value)})")
+    return float(value)
+
+
+def _table(value, name: str, shape: tuple, leaf, dtype) -> np.ndarray:
+    """A nested array of `shape` read leaf by leaf, in the C++ reader's order and words."""
+    out = []
+
+    def walk(node, depth: int, where: str) -> None:
+        if depth == len(shape):
+            out.append(leaf(node, where))
+            return
+        if not isinstance(node, list) or len(node) != shape[depth]:
+            found = f"{len(node)} entries" if isinstance(node, list) else _describe(node)
+            raise ProgramError(f"{where} must be an array of {shape[depth]} entries, found {found}")
+        for i, item in enumerate(node):
+            walk(item, depth + 1, f"{where}[{i}]")
+
+    walk(value, 0, name)
+    return np.array(out, dtype=dtype).reshape(shape)
+
+
 def from_dict(doc, plan: StepPlan) -> Program:
     """A program read from a plan file's ``"program"`` field, verified against `plan` (never
-    trusted); ProgramError names what is wrong, as the C++ reader does."""
+    trusted); ProgramError names what is wrong with the C++ reader's checks, order and words."""
     if not isinstance(doc, dict):
-        raise ProgramError(f"the program must be an object, found {type(doc).__name__}")
+        raise ProgramError(f"'program' must be an object, found {_describe(doc)}")
     n = plan.num_calls
-
-    def integer(name):
-        value = doc.get(name)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ProgramError(f"{name} must be an integer")
-        return value
-
-    def array(name, shape, dtype):
-        try:
-            a = np.array(doc.get(name), dtype=dtype)
-        except (TypeError, ValueError):
-            raise ProgramError(f"{name} must be an array of numbers") from None
-        if a.shape != shape:
-            raise ProgramError(f"{name} has shape {a.shape}, expected {shape} ({n} calls, width {width})")
-        return a
-
-    width = integer("width")
-    init_coef = doc.get("init_coef")
-    if not isinstance(init_coef, (int, float)) or isinstance(init_coef, bool):
-        raise ProgramError("init_coef must be a number")
+    num_rows = _int(_field(doc, "num_rows"), "num_rows")
+    width = _int(_field(doc, "width"), "width")
+    if num_rows < 1 or width < 1 or width > 4096:
+        raise ProgramError(f"num_rows and width must be in 1..4096, found {num_rows} and {width}")
     tables = {
-        "num_rows": integer("num_rows"),
+        "num_rows": num_rows,
         "width": width,
-        "init_row": integer("init_row"),
-        "init_coef": float(init_coef),
-        "result_row": integer("result_row"),
-        "x_row": array("x_row", (n,), np.int32),
-        "dst": array("dst", (n, 2), np.int32),
-        "src": array("src", (n, 2, width), np.int32),
-        "coef": array("coef", (n, 2, width), np.float64),
-        "gcoef": array("gcoef", (n, 2), np.float64),
+        "init_row": _int(_field(doc, "init_row"), "init_row"),
+        "init_coef": _number(_field(doc, "init_coef"), "init_coef"),
+        "result_row": _int(_field(doc, "result_row"), "result_row"),
+        "x_row": _table(_field(doc, "x_row"), "x_row", (n,), _int, np.int32),
+        "dst": _table(_field(doc, "dst"), "dst", (n, 2), _int, np.int32),
+        "src": _table(_field(doc, "src"), "src", (n, 2, width), _int, np.int32),
+        "coef": _table(_field(doc, "coef"), "coef", (n, 2, width), _number, np.float64),
+        "gcoef": _table(_field(doc, "gcoef"), "gcoef", (n, 2), _number, np.float64),
     }
     if ("noise" in doc) != plan.stochastic:
         raise ProgramError("the program's noise does not match the plan's (one is stochastic, the other not)")
     if plan.stochastic:
-        tables["noise"] = array("noise", (n,), np.float64)
+        tables["noise"] = _table(doc["noise"], "noise", (n,), _number, np.float64)
     return _from_tables(plan, tables)
 
 
