@@ -55,7 +55,7 @@ serve: install
 # readers, counted; the counts are printed from build/reliability/*.json.
 test-reliability: install
 	FASTDIFF_RELIABILITY_OUT=build/reliability $(PY) -m pytest -q -m reliability tests/reliability
-	@$(PY) -c "import json, pathlib; [print(p.stem, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != 'per_category'})) for p in sorted(pathlib.Path('build/reliability').glob('*.json'))]"
+	@$(PY) -c "import json, pathlib; [print(p.stem, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k not in ('per_category', 'results')})) for p in sorted(pathlib.Path('build/reliability').glob('*.json'))]"
 
 # The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
 # the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is

@@ -109,7 +109,9 @@ def test_nan_in_every_dtype_is_an_error_after_the_float16_fallback(untrained_sha
     monkeypatch.setattr(engine.unet, "forward", lambda *a, **k: (forward(*a, **k)[0] * float("inf"),))
     with (
         pytest.warns(RuntimeWarning, match="unet overflowed in float16.*bfloat16"),
-        pytest.raises(NonFiniteError, match=r"UNet in bfloat16\): check the model weights"),
+        pytest.raises(
+            NonFiniteError, match=r"UNet in bfloat16\): the UNet's output was first non-finite at model call 0"
+        ),
     ):
         engine.sample("a red circle on a blue background", steps=2, seed=0)
 

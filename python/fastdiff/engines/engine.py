@@ -692,15 +692,50 @@ class Engine:
             notes.append(self._fall_back(self.unet, self._unet_call, _fallback_dtype(self.device)))
             result, shallow = run()
         if not _finite(result.latents):
+            where = self._first_non_finite_call(program, denoiser, x_T, request)
             raise NonFiniteError(
                 f"sampling produced NaN/inf latents with {self.name} (UNet in {dtype_name(self._unet_call.dtype)}): "
-                "check the model weights and the plan"
+                f"{where}; check the model weights and the plan"
             )
         return result, shallow
 
+    def _first_non_finite_call(self, program, denoiser, x_T, request) -> str:
+        """Where a failed sample first went non-finite, found by running it again on the reference
+        loop with every model output checked (the error path only: it costs one more sample)."""
+        from ..loops import reference
+
+        seen: list[tuple[int, float]] = []
+        calls = [0]
+
+        def checking(x, t, index):
+            out = denoiser(x, t, index)
+            if not seen and not _finite(out):
+                seen.append((calls[0], float(t[0])))
+            calls[0] += 1
+            return out
+
+        noise = self._fresh_noise(request.seed, x_T) if program.stochastic else None
+        reference.run(program, checking, x_T, guidance=denoiser.guidance, gate=request.gate, noise=noise)
+        if seen:
+            k, t = seen[0]
+            return f"the UNet's output was first non-finite at model call {k} of {program.num_steps} (t = {t:g})"
+        if not _finite(x_T):
+            return "the initial noise (latents) holds NaN/inf"
+        return "every UNet output was finite: the plan's update overflowed"
+
     def _decode(self, latents: torch.Tensor, notes: list) -> torch.Tensor:
         """Images in [-1, 1]; a float16 VAE whose images overflow moves to float32 (diffusers'
-        force_upcast: the SD VAEs overflow in float16 at large sizes)."""
+        force_upcast: the SD VAEs overflow in float16 at large sizes); NaN/inf images that remain
+        are a NonFiniteError naming the decoder, never images made of them."""
+        images = self._decode_images(latents, notes)
+        if not _finite(images):
+            dtype = dtype_name(self.decoder.vae.dtype) if isinstance(self.decoder, VaeDecoder) else "its dtype"
+            raise NonFiniteError(
+                f"the {self.name} decoder (VAE in {dtype}) produced NaN/inf images from finite latents: check its weights"
+            )
+        return images
+
+    def _decode_images(self, latents: torch.Tensor, notes: list) -> torch.Tensor:
         images = self.decoder(latents)
         if not _finite(images) and isinstance(self.decoder, VaeDecoder) and self.decoder.vae.dtype == torch.float16:
             notes.append(self._fall_back(self.decoder.vae, self.decoder.decode, torch.float32))
