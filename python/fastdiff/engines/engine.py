@@ -731,7 +731,8 @@ class Engine:
         if not _finite(images):
             dtype = dtype_name(self.decoder.vae.dtype) if isinstance(self.decoder, VaeDecoder) else "its dtype"
             raise NonFiniteError(
-                f"the {self.name} decoder (VAE in {dtype}) produced NaN/inf images from finite latents: check its weights"
+                f"the {self.name} decoder (VAE in {dtype}) produced NaN/inf images from finite latents: "
+                "check its weights"
             )
         return images
 
