@@ -54,6 +54,7 @@ serve: install
 # The reliability suite (tests/reliability, also part of `make test`): fuzzed files through both
 # readers, counted; the counts are printed from build/reliability/*.json.
 test-reliability: install
+	rm -rf build/reliability
 	FASTDIFF_RELIABILITY_OUT=build/reliability $(PY) -m pytest -q -m reliability tests/reliability
 	@$(PY) -c "import json, pathlib; [print(p.stem, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k not in ('per_category', 'results')})) for p in sorted(pathlib.Path('build/reliability').glob('*.json'))]"
 
