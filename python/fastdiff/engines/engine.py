@@ -22,7 +22,7 @@ from .. import loops, solvers
 from ..denoisers import GuidedDenoiser
 from ..dtypes import dtype_name
 from ..gate import GateSpec
-from ..loops.contract import LoopResult, check_inputs
+from ..loops.contract import LoopResult, check_gate_for
 from ..plan import StepPlan
 from ..program import compile as compile_program
 from ..schedules import DiscreteSchedule
@@ -562,8 +562,7 @@ class Engine:
         plan.check_schedule(self.schedule)
         if self.distilled_steps is not None:
             self._check_distilled(plan)
-        if gate is not None and plan.stochastic:
-            check_inputs(compile_program(plan), torch.empty(1), gate)  # the loops' refusal, named early
+        check_gate_for(plan, gate)  # the loops' refusal, named before anything runs
         if gate is not None and not gate.active(plan.num_calls - 1):
             raise ValueError(
                 f"skip={skip!r}: the gate decides from model call {gate.first_call} on (warm-up), and this plan makes "
@@ -716,11 +715,9 @@ class Engine:
 
         noise = self._fresh_noise(request.seed, x_T) if program.stochastic else None
         reference.run(program, checking, x_T, guidance=denoiser.guidance, gate=request.gate, noise=noise)
-        if seen:
+        if seen:  # (x_T is finite: drawn here, or checked by _check_latents)
             k, t = seen[0]
             return f"the UNet's output was first non-finite at model call {k} of {program.num_steps} (t = {t:g})"
-        if not _finite(x_T):
-            return "the initial noise (latents) holds NaN/inf"
         return "every UNet output was finite: the plan's update overflowed"
 
     def _decode(self, latents: torch.Tensor, notes: list) -> torch.Tensor:

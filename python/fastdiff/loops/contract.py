@@ -56,7 +56,12 @@ def check_inputs(program, x_T, gate=None) -> None:
         raise ValueError("x_T must be a floating-point tensor of shape [batch, ...]")
     if gate is not None and not isinstance(gate, GateSpec):
         raise TypeError(f"gate must be a fastdiff.gate.GateSpec or None, got {type(gate).__name__}")
-    if gate is not None and program.stochastic:
+    check_gate_for(program, gate)
+
+
+def check_gate_for(plan_or_program, gate) -> None:
+    """ValueError when a gate is asked to skip calls of a stochastic plan (a StepPlan or Program)."""
+    if gate is not None and plan_or_program.stochastic:
         raise ValueError(
             "the skip gate cannot run a stochastic plan: its smoothness test and its predicted outputs assume a "
             "deterministic trajectory (sample without skip, or with a deterministic plan)"

@@ -48,8 +48,9 @@ def _metrics():
 
 @serve.deployment
 class ImageModel:
-    """An Engine in a Ray Serve replica. `generate(job)` checks the request alone, then joins the
-    replica's batch queue (`@serve.batch`) or, with batching off, runs alone."""
+    """An Engine in a Ray Serve replica. `generate(job)` joins the replica's batch queue
+    (`@serve.batch`) or, with batching off, runs alone; `ModelRunner.run_batch` checks every
+    request alone, so a bad one gets its own error and never fails the batch."""
 
     def __init__(self, model: str, settings: dict):
         import ray
@@ -78,10 +79,6 @@ class ImageModel:
 
     async def generate(self, job: dict) -> dict:
         job = Job.from_dict(job)
-        try:
-            self.runner.check(job)
-        except RequestError as exc:
-            return {"error": str(exc), "status": exc.status}
         if self.batching:
             result = await self.generate_batch(job)
         else:

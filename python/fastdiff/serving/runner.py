@@ -102,7 +102,7 @@ class ModelRunner:
         from ..engines.engine import AUTO, CALIBRATED
 
         engine = self.engine
-        shipped = {kind: engine.shipped_plans(kind) for kind in CALIBRATED if engine.shipped_plans(kind)}
+        shipped = {kind: steps for kind in CALIBRATED if (steps := engine.shipped_plans(kind))}
         return {
             "id": self.name,
             "image_size": engine.image_size,
@@ -186,9 +186,8 @@ class ModelRunner:
         for _, job, request in members:
             n = len(request.prompts)
             prompts += request.prompts
-            negatives += request.negatives or [job.negative_prompt or ""] * n
-            weight = request.guidance
-            guidance += [float(weight)] * n
+            negatives += request.negatives or [""] * n
+            guidance += [float(request.guidance)] * n
             noise.append(engine.initial_noise(n, seed=request.seed, height=request.height, width=request.width))
         first = members[0][2]
         out = engine.sample(
