@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .files import atomic_write
 from .schedules import PREDICTION_TYPES
 
 PLAN_FORMAT = "fastdiff.stepplan"
@@ -314,10 +315,7 @@ class StepPlan:
             text = self.dumps(extra=extra)
         except ValueError as exc:  # json refuses NaN/inf in metadata with allow_nan=False
             raise PlanError(f"plan metadata must hold finite numbers to be saved: {exc}", "field") from exc
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)  # never leave a half-written plan behind
-        return path
+        return atomic_write(path, text)  # never leave a half-written plan behind
 
     @classmethod
     def from_dict(cls, doc: Any) -> StepPlan:

@@ -1,19 +1,17 @@
 """Concurrency (issue 23, part 3): one engine sampled from 8 Python threads at once gives the
 images serial runs give, on every loop this machine runs (reference, cpp; the graph loop needs a
-GPU). Counted into $FASTDIFF_RELIABILITY_OUT/concurrency.json when set."""
+GPU). Counted by tests/reliability/counts.py."""
 
 from __future__ import annotations
 
-import json
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastdiff
 from fastdiff import loops
+from tests.reliability.counts import record
 
 pytestmark = pytest.mark.reliability
 
@@ -48,17 +46,13 @@ def test_one_engine_from_eight_threads_gives_the_serial_images(untrained_shapes_
         t.join(timeout=300)
     hung = sum(t.is_alive() for t in threads)
     same = sum(r is not None and torch.equal(r, s) for r, s in zip(results, serial))
-    out = os.environ.get("FASTDIFF_RELIABILITY_OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        path = Path(out) / "concurrency.json"
-        doc = json.loads(path.read_text()) if path.is_file() else {"cases": 0, "identical": 0, "errors": 0, "hangs": 0}
-        doc.update(
-            cases=doc["cases"] + THREADS,
-            identical=doc["identical"] + same,
-            errors=doc["errors"] + len(errors),
-            hangs=doc["hangs"] + hung,
-        )
-        path.write_text(json.dumps(doc) + "\n")
+    record(
+        "concurrency",
+        "one engine from 8 Python threads",
+        cases=THREADS,
+        crashes=len(errors),
+        hangs=hung,
+        identical=same,
+    )
     assert not hung and not errors, errors
     assert same == THREADS  # bit-identical to the serial runs

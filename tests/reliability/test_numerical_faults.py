@@ -1,24 +1,19 @@
 """Numerical faults (issue 23, part 2): NaN and inf injected into the UNet's output at a chosen
 call and into the VAE decoder's output must end in a NonFiniteError that names where (the call
-and its time, or the decoder), never in images made of NaN. Counted into
-$FASTDIFF_RELIABILITY_OUT/numerical_faults.json when set."""
+and its time, or the decoder), never in images made of NaN. Counted by tests/reliability/counts.py."""
 
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import fastdiff
 from fastdiff.engines import NonFiniteError
+from tests.reliability.counts import record
 
 pytestmark = pytest.mark.reliability
 
 PROMPT = "a red circle on a blue background"
-RESULTS: list[dict] = []
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +22,15 @@ def engine(untrained_shapes_dir):
 
 
 def _record(case: str, outcome: str) -> None:
-    RESULTS.append({"case": case, "outcome": outcome})
-    out = os.environ.get("FASTDIFF_RELIABILITY_OUT")
-    if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        clear = sum(r["outcome"] == "clear error" for r in RESULTS)
-        summary = {"cases": len(RESULTS), "clear_errors": clear, "silent": len(RESULTS) - clear, "results": RESULTS}
-        (Path(out) / "numerical_faults.json").write_text(json.dumps(summary, indent=1) + "\n")
+    clear = outcome == "clear error"
+    record(
+        "numerical_faults",
+        "NaN/inf in UNet, VAE and latents",
+        cases=1,
+        bad_inputs=1,
+        clear_errors=int(clear),
+        silent_loads=int(not clear),
+    )
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])

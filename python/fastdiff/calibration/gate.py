@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_write
 from ..gate import SETTINGS_SCHEMA as SCHEMA
 from ..gate import GateSettingsError, GateSpec, read_settings
 from .fidelity import fidelity
@@ -125,12 +126,7 @@ class GateCalibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the JSON atomically (a half-written file is never read as complete)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> GateCalibration:

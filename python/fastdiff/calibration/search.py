@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from ..loops import reference
 from ..plan import StepPlan
 from ..program import compile as compile_program
@@ -522,13 +523,14 @@ def _ray_evaluate(evaluator: Evaluator, genome: dict) -> dict:
 # ------------------------------------------------------------------ checkpoint
 def _read_checkpoint(path: Path, header: dict) -> list[dict]:
     if not path.is_file() or path.stat().st_size == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(header, sort_keys=True) + "\n")
+        atomic_write(path, json.dumps(header, sort_keys=True) + "\n")
         return []
-    lines = path.read_text().splitlines()
     try:
+        lines = path.read_text().splitlines()
         old = json.loads(lines[0])
-    except ValueError as exc:
+        if not isinstance(old, dict):
+            raise ValueError(f"its first line is a JSON {type(old).__name__}, not the settings object")
+    except (OSError, ValueError) as exc:
         raise CalibrationError(f"{path} is not a search checkpoint ({exc}): use another file or delete it") from exc
     if old != header:
         raise CalibrationError(
@@ -538,14 +540,28 @@ def _read_checkpoint(path: Path, header: dict) -> list[dict]:
     records = []
     for n, line in enumerate(lines[1:], start=2):
         try:
-            records.append(json.loads(line))
+            records.append(_checked_record(json.loads(line)))
         except ValueError:
             if n == len(lines):  # a line cut by a kill: dropped (its candidate is evaluated again)
-                keep = "\n".join(lines[:-1]) + "\n"
-                path.write_text(keep)
+                atomic_write(path, "\n".join(lines[:-1]) + "\n")
                 break
             raise CalibrationError(f"{path}: line {n} is corrupt: delete the file to start over") from None
     return records
+
+
+def _checked_record(r) -> dict:
+    """A checkpoint line as the search wrote it; ValueError otherwise."""
+    if not isinstance(r, dict) or not isinstance(r.get("key"), str) or not isinstance(r.get("genome"), dict):
+        raise ValueError("not a candidate record")
+    error, calls = r.get("error"), r.get("calls")
+    number = isinstance(error, (int, float)) and not isinstance(error, bool)
+    if error is not None and not (number and math.isfinite(error)):
+        raise ValueError("its error is not a finite number or null")
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+        raise ValueError("its calls is not a count")
+    if r["key"] != Genome.from_dict(r["genome"]).key():
+        raise ValueError("its key is not its genome's")
+    return r
 
 
 def _append(path: Path | None, records: list[dict]) -> None:

@@ -11,11 +11,23 @@ maps (in a directory), or in RAM for small sets (no directory). A directory is r
 batch is marked done only after its arrays are flushed, so an interrupted run (Ctrl-C, kill)
 continues where it stopped; a directory made for another teacher, model or sample set is
 refused instead of mixed in.
+
+    DIR/meta.json        what the trajectories are (teacher, schedule, source): written last
+    DIR/latents.npy      [S, M+1, D] float32 memory map
+    DIR/outputs.npy      [S, M, D] float32 memory map
+    DIR/state.npy        [S, 33] uint8: per sample a done flag and the SHA-256 of its latents and
+                         outputs rows, replaced atomically after each batch
+    DIR/teacher.json     the teacher plan
+
+On resume every finished sample's rows are checked against their SHA-256: a sample whose rows
+were changed or damaged on disk is computed again (with a warning naming it), never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +38,7 @@ import torch
 
 from ..denoisers import GuidedOutput, Unguided
 from ..dtypes import dtype_name
+from ..files import atomic_write
 from ..loops import reference
 from ..loops.contract import RawFn
 from ..plan import StepPlan
@@ -177,6 +190,8 @@ def _open(directory: Path, meta: dict, shapes: dict) -> tuple[dict, np.ndarray]:
     if meta_path.is_file():
         try:
             old = json.loads(meta_path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError(f"a JSON {type(old).__name__}, not an object")
         except ValueError as exc:
             raise CalibrationError(f"{meta_path} is corrupt ({exc}): delete {directory} to start over") from exc
         if old != meta:
@@ -197,11 +212,38 @@ def _open(directory: Path, meta: dict, shapes: dict) -> tuple[dict, np.ndarray]:
             raise CalibrationError(f"{directory / (name + '.npy')} is unreadable ({exc}): delete {directory}") from exc
         if arrays[name].shape != shape:
             raise CalibrationError(f"{directory / (name + '.npy')} has shape {arrays[name].shape}, expected {shape}")
-    done_path = directory / "done.npy"
-    done = np.load(done_path) if mode == "r+" and done_path.is_file() else np.zeros(meta["num_samples"], dtype=bool)
-    if mode == "w+":
-        meta_path.write_text(json.dumps(meta, indent=1))
-    return arrays, done
+    state_path = directory / "state.npy"
+    num = meta["num_samples"]
+    state = np.zeros((num, 33), dtype=np.uint8)
+    if mode == "r+" and state_path.is_file():
+        try:
+            state = np.load(state_path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise CalibrationError(f"{state_path} is unreadable ({exc}): delete {directory} to start over") from exc
+        if state.shape != (num, 33) or state.dtype != np.uint8 or not np.isin(state[:, 0], (0, 1)).all():
+            raise CalibrationError(
+                f"{state_path} holds {state.dtype} {state.shape}, expected uint8 ({num}, 33) with done flags 0/1: "
+                f"delete {directory} to start over"
+            )
+        damaged = [int(i) for i in np.flatnonzero(state[:, 0]) if _digest(arrays, i) != state[i, 1:].tobytes()]
+        if damaged:
+            warnings.warn(
+                f"{directory}: the stored trajectories of samples {damaged} do not match their SHA-256 (changed or "
+                "damaged on disk): computing them again",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            state[damaged] = 0
+    if mode == "w+":  # written last: a directory without it is started afresh
+        atomic_write(meta_path, json.dumps(meta, indent=1))
+    return arrays, state
+
+
+def _digest(arrays: dict, i: int) -> bytes:
+    """SHA-256 of sample i's rows (latents, then outputs)."""
+    h = hashlib.sha256(np.ascontiguousarray(arrays["latents"][i]).tobytes())
+    h.update(np.ascontiguousarray(arrays["outputs"][i]).tobytes())
+    return h.digest()
 
 
 def teacher_trajectories(
@@ -224,19 +266,19 @@ def teacher_trajectories(
     if folder is not None:
         meta = {
             "format": "fastdiff.trajectories",
-            "version": 1,
+            "version": 2,
             "teacher": plan.hash(),
             "schedule": source.schedule.fingerprint,
             "source": source.describe(),
             "num_samples": num,
             "shape": list(shape),
         }
-        arrays, done = _open(folder, meta, shapes)
+        arrays, state = _open(folder, meta, shapes)
         plan.save(folder / "teacher.json")
     else:
         arrays = {name: np.zeros(s, dtype=np.float32) for name, s in shapes.items()}
-        done = np.zeros(num, dtype=bool)
-    todo = np.flatnonzero(~done)
+        state = np.zeros((num, 33), dtype=np.uint8)
+    todo = np.flatnonzero(state[:, 0] == 0)
     program = compile_program(plan)
     from tqdm.auto import tqdm
 
@@ -276,12 +318,12 @@ def teacher_trajectories(
         reference.run(program, record, x_T, callback=keep)
         arrays["latents"][ids] = lat
         arrays["outputs"][ids] = out
-        done[ids] = True
         if folder is not None:
             for array in arrays.values():
                 array.flush()
-            np.save(folder / "done.tmp.npy", done)
-            (folder / "done.tmp.npy").replace(folder / "done.npy")  # atomic: a kill leaves the old or the new
+            for i in ids:
+                state[i, 0], state[i, 1:] = 1, np.frombuffer(_digest(arrays, i), dtype=np.uint8)
+            atomic_write(folder / "state.npy", lambda f: np.save(f, state))  # a kill leaves the old or the new
         bar.update(ids.size)
     bar.close()
     return Trajectories(plan, np.array(plan.times), arrays["latents"], arrays["outputs"], shape, folder)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ..engines.components import ClassGuidanceEmbedding, guidance_features
+from ..files import replace_entries
 from .train import DistillError
 
 FEATURES = 256  # sinusoidal features of w (LCM's and diffusers' time_cond_proj_dim for w)
@@ -115,11 +116,17 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
 def save_student(student: Student, out, *, teacher_dir, info: dict, dtype=torch.float32) -> Path:
     """Write the student's model directory (see the module doc): the teacher directory's
     scheduler/ and fastdiff.json (with info under "student"), the student's unet/ and
-    guidance_embedding/ in `dtype`."""
+    guidance_embedding/ in `dtype`. Everything is written into a staging directory first and moved
+    into `out` entry by entry, fastdiff.json (what makes it a student directory) last: a kill
+    leaves no half-written file in `out` (`fastdiff.files.replace_entries`)."""
     from safetensors.torch import save_file
 
-    out, teacher_dir = Path(out), Path(teacher_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final, teacher_dir = Path(out), Path(teacher_dir)
+    final.mkdir(parents=True, exist_ok=True)
+    out = final / ".staging"
+    if out.exists():  # left by a kill
+        shutil.rmtree(out)
+    out.mkdir()
     unet = copy.deepcopy(student.unet).to(dtype)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     if student.embedding is not None:
@@ -129,7 +136,7 @@ def save_student(student: Student, out, *, teacher_dir, info: dict, dtype=torch.
         config = json.dumps(student.embedding.config, indent=1, sort_keys=True) + "\n"
         (out / "guidance_embedding" / "config.json").write_text(config)
     for part in ("scheduler", "text_encoder", "tokenizer", "vae"):
-        if (teacher_dir / part).is_dir() and not (out / part).exists():
+        if (teacher_dir / part).is_dir():
             shutil.copytree(teacher_dir / part, out / part)
     for name in ("model_index.json",):
         if (teacher_dir / name).is_file():
@@ -137,7 +144,7 @@ def save_student(student: Student, out, *, teacher_dir, info: dict, dtype=torch.
     base = json.loads((teacher_dir / "fastdiff.json").read_text()) if (teacher_dir / "fastdiff.json").is_file() else {}
     base.pop("student", None)
     (out / "fastdiff.json").write_text(json.dumps({**base, "student": info}, indent=1, sort_keys=True) + "\n")
-    return out
+    return replace_entries(out, final, last=("fastdiff.json",))
 
 
 def load_student(directory) -> tuple[Student, dict]:

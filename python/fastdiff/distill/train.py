@@ -17,28 +17,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from ..calibration.trajectories import differing_keys
+from ..files import atomic_write
 from ..models.training.common import EMA, cosine_lr
 
 
 class DistillError(ValueError):
     """A distillation run that cannot start or continue (other settings, a non-finite loss, a
     teacher that cannot be distilled); the CLI reports it as a clear error."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TrainingRun:
@@ -62,9 +53,7 @@ class TrainingRun:
                     f"differ): resume with the same settings or use another directory"
                 )
         else:
-            _atomic_write(
-                path, lambda f: f.write((json.dumps(self.settings, indent=1, sort_keys=True) + "\n").encode())
-            )
+            atomic_write(path, json.dumps(self.settings, indent=1, sort_keys=True) + "\n")
         self.ema: EMA | None = None
 
     @property
@@ -86,7 +75,30 @@ class TrainingRun:
             self.ema.shadow = {k: v.to(self.ema.shadow[k].device) for k, v in state["ema"].items()}
         except Exception as exc:  # torch raises several types for a damaged file
             raise DistillError(f"{path} cannot be loaded ({exc}); delete it to restart the {self.name} round") from exc
-        return int(state["step"])
+        step = int(state["step"])
+        self._trim_log(step)
+        return step
+
+    def _trim_log(self, step: int) -> None:
+        """Keep the log's records up to the checkpoint's step: the steps after it run again on
+        resume (and log again), and a line cut by a kill is dropped."""
+        path = self.directory / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # cut by a kill
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
+        atomic_write(path, "".join(f"{line}\n" for line in kept))
+
+    def last_loss(self) -> float:
+        """The last logged loss (NaN when none): a run resumed at its end reports what it ended with."""
+        losses = self.losses()
+        return float(losses[-1]["loss"]) if losses else math.nan
 
     def checkpoint(self, step: int, student: torch.nn.Module, optimizer, generator: torch.Generator) -> None:
         state = {
@@ -96,20 +108,26 @@ class TrainingRun:
             "generator": generator.get_state(),
             "ema": self.ema.shadow,
         }
-        _atomic_write(self.directory / "checkpoint.pt", lambda f: torch.save(state, f))
+        atomic_write(self.directory / "checkpoint.pt", lambda f: torch.save(state, f))
 
     def log(self, record: dict) -> None:
         with open(self.directory / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def finish(self, info: dict) -> None:
-        _atomic_write(self.directory / "done.json", lambda f: f.write((json.dumps(info, indent=1) + "\n").encode()))
+        atomic_write(self.directory / "done.json", json.dumps(info, indent=1) + "\n")
 
     def losses(self) -> list[dict]:
         path = self.directory / "log.jsonl"
         if not path.is_file():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a kill (resume drops it)
+        return out
 
 
 def train_loop(
@@ -139,7 +157,7 @@ def train_loop(
     warmup = min(100, max(1, steps // 10))
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", disable=not progress)
     started = time.perf_counter()
-    last = math.nan
+    last = run.last_loss() if start else math.nan
     try:
         for step in range(start, steps):
             for group in optimizer.param_groups:
