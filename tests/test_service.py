@@ -109,7 +109,7 @@ def test_corrupt_package_and_bad_files(tmp_path):
     data = (pkg / "unet.pt2").read_bytes()
     (pkg / "unet.pt2").write_bytes(data[: len(data) // 3])
     proc = serve(pkg, "--out", tmp_path / "out", "--requests", 1, check=False)
-    assert proc.returncode == 1 and "cannot load the AOTInductor package" in proc.stderr
+    assert proc.returncode == 1 and "unet.pt2' is damaged or was replaced: its SHA-256 is" in proc.stderr
     (pkg / "package.json").write_text("{not json")
     proc = serve(pkg, "--out", tmp_path / "out", "--requests", 1, check=False)
     assert proc.returncode == 1 and "package.json' is not valid JSON" in proc.stderr

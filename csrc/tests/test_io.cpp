@@ -57,6 +57,22 @@ int main(int argc, char** argv) {
   CHECK(io_error(f16).find("tensor 'h' is F16") != std::string::npos, "%s", io_error(f16).c_str());
   CHECK(io_error(dir + "/no_such.safetensors").find("cannot open") != std::string::npos, "missing file");
 
+  // SHA-256 known answers (FIPS 180-4 examples; 55/56/64 bytes cross the padding boundaries)
+  CHECK(fastdiff::sha256_hex("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "sha256('')");
+  CHECK(fastdiff::sha256_hex("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad", "sha256(abc)");
+  CHECK(fastdiff::sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
+        "sha256 of the 448-bit example");
+  CHECK(fastdiff::sha256_hex(std::string(55, 'a')) ==
+            "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318",
+        "sha256 of 55 bytes");
+  CHECK(fastdiff::sha256_hex(std::string(64, 'a')) ==
+            "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb",
+        "sha256 of 64 bytes");
+  CHECK(fastdiff::sha256_hex(std::string(1000000, 'a')) ==
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0",
+        "sha256 of a million a's");
+
   const std::string png = dir + "/io_test.png";
   std::vector<float> chw(3 * 5 * 7);
   for (size_t i = 0; i < chw.size(); ++i) chw[i] = static_cast<float>(i % 5) / 2.0f - 1.0f;

@@ -1,5 +1,7 @@
 #include "fastdiff/aoti.h"
 
+#include <cmath>
+
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/headeronly/version.h>
 
@@ -23,10 +25,30 @@ const json::Value& field(const json::Value& doc, const std::string& key, json::V
   return *v;
 }
 
-std::vector<int64_t> ints(const json::Value& v) {
+// A whole number in [lo, hi] (checked before the cast: a double outside int64 is undefined behaviour).
+int64_t whole(const json::Value& v, double lo, double hi, const std::string& what) {
+  if (v.kind != json::Value::Kind::Number || !(v.number >= lo && v.number <= hi) || v.number != std::floor(v.number))
+    throw PackageError(what + " must be a whole number in [" + std::to_string(static_cast<int64_t>(lo)) + ", " +
+                       std::to_string(static_cast<int64_t>(hi)) + "]");
+  return static_cast<int64_t>(v.number);
+}
+
+// `count` sizes, each in [1, 2^31).
+std::vector<int64_t> dims(const json::Value& v, size_t count, const std::string& what) {
+  if (v.array.size() != count)
+    throw PackageError(what + " must hold " + std::to_string(count) + " sizes, got " + std::to_string(v.array.size()));
   std::vector<int64_t> out;
-  for (const auto& x : v.array) out.push_back(static_cast<int64_t>(x.number));
+  for (const auto& x : v.array) out.push_back(whole(x, 1, 2147483647.0, what + " entries"));
   return out;
+}
+
+// A file name inside the package directory: no directories, nothing hidden, no way out of it.
+std::string file_name(const json::Value& v, const std::string& what) {
+  const std::string& s = v.string;
+  if (s.empty() || s[0] == '.' || s.find('/') != std::string::npos || s.find('\\') != std::string::npos ||
+      s.find('\0') != std::string::npos)
+    throw PackageError(what + " must name a file inside the package directory, got '" + s + "'");
+  return s;
 }
 
 std::string join(const std::vector<int64_t>& v) {
@@ -56,6 +78,22 @@ std::vector<at::Tensor> AOTIModule::run(const std::vector<at::Tensor>& inputs) c
   return loader_->run(inputs);
 }
 
+std::string AOTIModule::metadata(const std::string& key) const {
+  const auto all = loader_->get_metadata();
+  const auto it = all.find(key);
+  return it == all.end() ? std::string() : it->second;
+}
+
+// The compiled code reads its inputs without checking their shapes: the manifest's shapes must
+// be the ones it was compiled for (recorded in its metadata, covered by the file's SHA-256).
+static void check_compiled_shape(const AOTIModule& module, const std::string& key, const std::vector<int64_t>& want) {
+  const std::string compiled = module.metadata("fastdiff." + key);
+  if (compiled != join(want))
+    throw PackageError("the manifest's " + key + " " + join(want) + " is not what '" + module.path() +
+                       "' was compiled for (" + (compiled.empty() ? std::string("not recorded") : compiled) +
+                       "): the manifest was edited, or the package mixes files of two exports");
+}
+
 PackageManifest read_manifest(const std::string& dir) {
   const std::string path = dir + "/package.json";
   json::Value doc;
@@ -69,8 +107,10 @@ PackageManifest read_manifest(const std::string& dir) {
   if (format == nullptr || format->kind != json::Value::Kind::String || format->string != "fastdiff.aoti")
     throw PackageError("'" + path + "' is not a fastdiff AOTI package manifest (expected format 'fastdiff.aoti')");
   const json::Value& version = field(doc, "version", json::Value::Kind::Number, path);
-  if (version.number != 1)
-    throw PackageError("'" + path + "' has package version " + std::to_string(version.number) + "; this runtime reads 1");
+  if (version.number != 2)
+    throw PackageError("'" + path + "' has package version " + std::to_string(version.number) +
+                       "; this runtime reads 2 (packages carry the SHA-256 of their files since version 2): " +
+                       "re-export it with `fastdiff export --format aoti`");
   PackageManifest m;
   m.model = field(doc, "model", json::Value::Kind::String, path).string;
   m.torch = field(doc, "torch", json::Value::Kind::String, path).string;
@@ -85,27 +125,61 @@ PackageManifest read_manifest(const std::string& dir) {
   m.prediction_type = field(doc, "prediction_type", json::Value::Kind::String, path).string;
   const json::Value* fp = doc.find("schedule_fingerprint");
   if (fp != nullptr && fp->kind == json::Value::Kind::String) m.schedule_fingerprint = fp->string;
-  m.plan_file = field(doc, "plan", json::Value::Kind::String, path).string;
-  m.latent_shape = ints(field(doc, "latent_shape", json::Value::Kind::Array, path));
-  m.cond_shape = ints(field(doc, "cond_shape", json::Value::Kind::Array, path));
+  m.plan_file = file_name(field(doc, "plan", json::Value::Kind::String, path), path + " plan");
+  m.latent_shape = dims(field(doc, "latent_shape", json::Value::Kind::Array, path), 3, path + " latent_shape");
+  m.cond_shape = dims(field(doc, "cond_shape", json::Value::Kind::Array, path), 2, path + " cond_shape");
   const json::Value& prompts = field(doc, "prompts", json::Value::Kind::Object, path);
-  m.prompts_file = field(prompts, "file", json::Value::Kind::String, path + " prompts").string;
+  m.prompts_file = file_name(field(prompts, "file", json::Value::Kind::String, path + " prompts"), path + " prompts file");
   m.guidance_scale = field(prompts, "guidance_scale", json::Value::Kind::Number, path + " prompts").number;
-  for (const auto& t : field(prompts, "texts", json::Value::Kind::Array, path + " prompts").array) m.prompts.push_back(t.string);
-  const json::Value& unet = field(doc, "unet", json::Value::Kind::Object, path);
-  m.unet_min_batch = static_cast<int64_t>(field(unet, "min_batch", json::Value::Kind::Number, path + " unet").number);
-  m.unet_max_batch = static_cast<int64_t>(field(unet, "max_batch", json::Value::Kind::Number, path + " unet").number);
+  if (!(m.guidance_scale >= 0 && m.guidance_scale <= 1e6))
+    throw PackageError(path + " prompts: guidance_scale must be a number in [0, 1e6]");
+  for (const auto& t : field(prompts, "texts", json::Value::Kind::Array, path + " prompts").array) {
+    if (t.kind != json::Value::Kind::String) throw PackageError(path + " prompts: texts must be strings");
+    m.prompts.push_back(t.string);
+  }
+  auto module = [&](const json::Value& entry, const std::string& name, std::string& file, int64_t& lo, int64_t& hi) {
+    const std::string where = path + " " + name;
+    file = file_name(field(entry, "file", json::Value::Kind::String, where), where + " file");
+    lo = whole(field(entry, "min_batch", json::Value::Kind::Number, where), 1, 2147483647.0, where + " min_batch");
+    hi = whole(field(entry, "max_batch", json::Value::Kind::Number, where), 1, 2147483647.0, where + " max_batch");
+    if (lo > hi) throw PackageError(where + ": min_batch " + std::to_string(lo) + " is above max_batch " + std::to_string(hi));
+  };
+  module(field(doc, "unet", json::Value::Kind::Object, path), "unet", m.unet_file, m.unet_min_batch, m.unet_max_batch);
   const json::Value* vae = doc.find("vae");
   if (vae != nullptr && vae->kind == json::Value::Kind::Object) {
     m.has_vae = true;
-    m.vae_min_batch = static_cast<int64_t>(field(*vae, "min_batch", json::Value::Kind::Number, path + " vae").number);
-    m.vae_max_batch = static_cast<int64_t>(field(*vae, "max_batch", json::Value::Kind::Number, path + " vae").number);
-    m.image_shape = ints(field(doc, "image_shape", json::Value::Kind::Array, path));
+    module(*vae, "vae", m.vae_file, m.vae_min_batch, m.vae_max_batch);
+    m.image_shape = dims(field(doc, "image_shape", json::Value::Kind::Array, path), 3, path + " image_shape");
+  } else if (vae != nullptr && vae->kind != json::Value::Kind::Null) {
+    throw PackageError(path + ": field 'vae' must be an object or null");
+  }
+  // Every file the package loads, with its SHA-256: a damaged or swapped file is refused before
+  // any of it is parsed or its compiled code is loaded.
+  const json::Value& files = field(doc, "files", json::Value::Kind::Object, path);
+  std::vector<std::string> used{m.plan_file, m.prompts_file, m.unet_file};
+  if (m.has_vae) used.push_back(m.vae_file);
+  for (const auto& name : used) {
+    const json::Value* digest = files.find(name);
+    if (digest == nullptr || digest->kind != json::Value::Kind::String || digest->string.rfind("sha256:", 0) != 0 ||
+        digest->string.size() != 7 + 64)
+      throw PackageError(path + " files: no 'sha256:<64 hex digits>' entry for '" + name + "'");
+    m.sha256[name] = digest->string.substr(7);
   }
   return m;
 }
 
+static void verify_file(const std::string& dir, const std::string& name, const std::string& sha256) {
+  const std::string path = dir + "/" + name;
+  std::string bytes;
+  if (!read_file(path, bytes)) throw PackageError("cannot open '" + path + "' (listed in the package's manifest)");
+  const std::string got = sha256_hex(bytes);
+  if (got != sha256)
+    throw PackageError("'" + path + "' is damaged or was replaced: its SHA-256 is " + got + ", the manifest records " +
+                       sha256 + "; re-export the package with `fastdiff export --format aoti`");
+}
+
 AOTIPackage::AOTIPackage(const std::string& dir, size_t runners) : dir_(dir), manifest_(read_manifest(dir)) {
+  for (const auto& [name, digest] : manifest_.sha256) verify_file(dir, name, digest);
   plan_ = load_plan(dir + "/" + manifest_.plan_file);
   check_plan(plan_);
   const SafeTensors prompts = load_safetensors(dir + "/" + manifest_.prompts_file);
@@ -116,9 +190,21 @@ AOTIPackage::AOTIPackage(const std::string& dir, size_t runners) : dir_(dir), ma
   if (cond_.dim() != 3 || std::vector<int64_t>(cond_.sizes().begin() + 1, cond_.sizes().end()) != manifest_.cond_shape)
     throw PackageError("prompts 'cond' has shape " + join(cond_.sizes().vec()) + ", expected [P] + " +
                        join(manifest_.cond_shape));
-  if (manifest_.guidance_scale > 1) uncond_ = tensor(prompts.at("uncond"));
-  unet_ = std::make_unique<AOTIModule>(dir + "/unet.pt2", runners);
-  if (manifest_.has_vae) vae_ = std::make_unique<AOTIModule>(dir + "/vae.pt2", runners);
+  if (manifest_.guidance_scale > 1) {
+    uncond_ = tensor(prompts.at("uncond"));
+    if (uncond_.dim() != 3 || uncond_.size(0) != 1 ||
+        std::vector<int64_t>(uncond_.sizes().begin() + 1, uncond_.sizes().end()) != manifest_.cond_shape)
+      throw PackageError("prompts 'uncond' has shape " + join(uncond_.sizes().vec()) + ", expected [1] + " +
+                         join(manifest_.cond_shape));
+  }
+  unet_ = std::make_unique<AOTIModule>(dir + "/" + manifest_.unet_file, runners);
+  check_compiled_shape(*unet_, "latent_shape", manifest_.latent_shape);
+  check_compiled_shape(*unet_, "cond_shape", manifest_.cond_shape);
+  if (manifest_.has_vae) {
+    vae_ = std::make_unique<AOTIModule>(dir + "/" + manifest_.vae_file, runners);
+    check_compiled_shape(*vae_, "latent_shape", manifest_.latent_shape);
+    check_compiled_shape(*vae_, "image_shape", manifest_.image_shape);
+  }
 }
 
 at::Tensor AOTIPackage::cond(size_t prompt) const {

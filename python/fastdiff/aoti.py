@@ -10,7 +10,9 @@ DIR holds
   plan.json            the StepPlan with its compiled program as a cache (fastdiff.program.save)
   prompts.safetensors  "cond" [P, L, D] and, with guidance, "uncond" [1, L, D] (float32)
   package.json         the manifest the C++ runtime checks first: torch version and device the
-                       packages were built for, shapes, the schedule fingerprint, guidance
+                       packages were built for, shapes, the schedule fingerprint, guidance, and
+                       the SHA-256 of each file above (a damaged or swapped file is refused
+                       before anything in it is parsed or loaded)
 
 The packages are compiled for this machine's torch and device (CPU here; the CUDA device of a
 GPU engine there). The C++ loader refuses a package built by another torch version or for
@@ -20,6 +22,7 @@ another device kind with a message naming both, before touching the compiled cod
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -27,12 +30,13 @@ from pathlib import Path
 import torch
 
 from .export import _UNet  # unet(sample, timestep, cond) -> raw output, the ONNX export's wrapper
+from .files import atomic_write
 from .plan import StepPlan
 from .program import compile as compile_program
 from .program import save as save_program
 
 PACKAGE_FORMAT = "fastdiff.aoti"
-PACKAGE_VERSION = 1
+PACKAGE_VERSION = 2  # 2: the manifest records the SHA-256 of every file ("files")
 
 
 class AOTIExportError(RuntimeError):
@@ -166,12 +170,17 @@ def export_aoti(
         "prompts": {"file": "prompts.safetensors", "texts": list(prompts), "guidance_scale": guidance},
     }
     unet = _UNet(engine.unet, "encoder_hidden_states").eval()
-    manifest["unet"] = _package("unet", unet, (x, t, c), out, meta, log)
+    # the input shapes go into each compiled module too (its metadata is covered by the file's
+    # SHA-256): the C++ loader refuses a manifest whose shapes disagree with the compiled code
+    shapes = {"latent_shape": manifest["latent_shape"], "cond_shape": manifest["cond_shape"]}
+    manifest["unet"] = _package("unet", unet, (x, t, c), out, {**meta, **shapes}, log)
     manifest["vae"] = None
     if decoder:
         vae = _VaeDecode(engine.decoder.vae).eval()
-        manifest["vae"] = _package("vae", vae, (x,), out, meta, log)
         manifest["image_shape"] = [3, size * engine.decoder.factor, size * engine.decoder.factor]
-    path = out / "package.json"
-    path.write_text(json.dumps(manifest, indent=1) + "\n")
-    return path
+        shapes = {"latent_shape": manifest["latent_shape"], "image_shape": manifest["image_shape"]}
+        manifest["vae"] = _package("vae", vae, (x,), out, {**meta, **shapes}, log)
+    names = [manifest["plan"], manifest["prompts"]["file"], manifest["unet"]["file"]]
+    names += [manifest["vae"]["file"]] if manifest["vae"] else []
+    manifest["files"] = {n: "sha256:" + hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names}
+    return atomic_write(out / "package.json", json.dumps(manifest, indent=1) + "\n")

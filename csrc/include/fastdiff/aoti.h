@@ -41,6 +41,8 @@ class AOTIModule {
   AOTIModule(const std::string& path, size_t runners);
   ~AOTIModule();
   std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) const;
+  // The metadata compiled into the package (fastdiff.aoti writes fastdiff.<key> entries).
+  std::string metadata(const std::string& key) const;
   const std::string& path() const { return path_; }
 
  private:
@@ -49,7 +51,8 @@ class AOTIModule {
 };
 
 struct PackageManifest {
-  std::string model, torch, device, prediction_type, schedule_fingerprint, plan_file, prompts_file;
+  std::string model, torch, device, prediction_type, schedule_fingerprint, plan_file, prompts_file, unet_file, vae_file;
+  std::map<std::string, std::string> sha256;  // file name -> hex digest, for every file the package loads
   std::vector<int64_t> latent_shape, cond_shape, image_shape;
   int64_t unet_min_batch = 1, unet_max_batch = 1, vae_min_batch = 1, vae_max_batch = 0;
   bool has_vae = false;

@@ -33,6 +33,10 @@ struct SafeTensors {
 // own error type).
 bool read_file(const std::string& path, std::string& bytes);
 
+// SHA-256 (FIPS 180-4) of bytes, as 64 lowercase hex digits: what a package manifest records
+// per file, so that a damaged file is refused before it is loaded.
+std::string sha256_hex(const std::string& bytes);
+
 // Reads a .safetensors file of F32 tensors. Throws IoError for unreadable, truncated or
 // malformed files and for other dtypes (naming the tensor and the dtype).
 SafeTensors load_safetensors(const std::string& path);
