@@ -63,8 +63,7 @@ def test_compiled_matches_eager_and_reuses_or_rebuilds_its_disk_cache(tmp_path, 
     assert [e[1] for e in engine._unet_call.inner.events] == ["loaded"]
 
     # A cache from another torch version: ignored (never loaded), rebuilt, rewritten.
-    header["environment"] = dict(header["environment"], torch="2.0.0")
-    path.write_bytes(MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    path.write_bytes(CompileCache.encode(dict(header["environment"], torch="2.0.0"), header["what"], payload))
     engine = fresh(tmp_path, monkeypatch)
     assert torch.allclose(sample(engine), eager, rtol=1e-5, atol=1e-6)
     status, detail = engine._unet_call.inner.events[0][1:]
@@ -93,6 +92,43 @@ def test_cache_files_are_keyed_by_architecture_and_shape(tmp_path):
     assert cache.load(tmp_path / "absent.bin", {})[0] == "missing"
     (tmp_path / "junk.bin").write_bytes(b"not a cache")
     assert cache.load(tmp_path / "junk.bin", {})[0] == "corrupt"
+
+
+def test_a_damaged_or_old_cache_file_is_never_handed_to_torch(tmp_path, monkeypatch):
+    """Format 2 checksums the header and artefacts: a byte flipped in the artefacts (same length)
+    is "corrupt", a format-1 file "stale", a directory in the file's place "corrupt"; only the
+    intact file reaches torch.compiler.load_cache_artifacts."""
+    handed = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda payload: handed.append(payload))
+    cache, env = CompileCache(tmp_path), compiled.environment("cpu")
+    payload = bytes(range(256)) * 8
+    path = tmp_path / "unet-0.bin"
+    good = CompileCache.encode(env, "unet 2x3x6x6:float32", payload)
+    assert good.startswith(MAGIC) and MAGIC == b"FASTDIFF-COMPILE-CACHE 2\n"
+
+    flipped = bytearray(good)
+    flipped[-100] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    status, detail = cache.load(path, env)
+    assert status == "corrupt" and "sha256" in detail and "ignored, rebuilding" in detail
+
+    header = {"environment": env, "what": "unet", "bytes": len(payload)}  # what format 1 wrote
+    path.write_bytes(b"FASTDIFF-COMPILE-CACHE 1\n" + json.dumps(header).encode() + b"\n" + payload)
+    status, detail = cache.load(path, env)
+    assert status == "stale" and "cache format 1" in detail
+
+    path.unlink()
+    path.mkdir()
+    assert cache.load(path, env)[0] == "corrupt"
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (payload, None))
+    with pytest.warns(RuntimeWarning, match="could not write the compile cache file"):
+        assert cache.save(path, env, "unet") is False
+    assert not list(tmp_path.glob("*.tmp"))
+    assert handed == []
+
+    path.rmdir()
+    path.write_bytes(good)
+    assert cache.load(path, env) == ("loaded", str(path)) and handed == [payload]
 
 
 def test_every_shipped_module_has_a_fingerprint():
@@ -155,7 +191,8 @@ def test_past_the_recompile_limit_inputs_run_eagerly_with_a_warning(tmp_path, mo
     first = torch.randn(2, 3)
     assert torch.allclose(call(first), f(first), rtol=1e-5, atol=1e-6)  # compiled: within the limit
     x = torch.randn(4, 3)
-    with pytest.warns(RuntimeWarning, match=r"recompile limit \(torch._dynamo.config.recompile_limit = 1\) at inputs 4x3:float32"):
+    limit = r"recompile limit \(torch._dynamo.config.recompile_limit = 1\) at inputs 4x3:float32"
+    with pytest.warns(RuntimeWarning, match=limit):
         out = call(x)
     assert torch.equal(out, f(x))
     assert [e[1] for e in call.events] == ["missing", "eager"]

@@ -12,7 +12,7 @@ one contract (``fastdiff.loops``), and engines that put a model behind it::
 
 from ._version import __version__
 
-__all__ = ["__version__", "build_engine"]
+__all__ = ["ModelLoadError", "ModelNotFoundError", "__version__", "build_engine"]
 
 
 def build_engine(model, **kwargs):
@@ -21,3 +21,12 @@ def build_engine(model, **kwargs):
     from .models.registry import build_engine as _build
 
     return _build(model, **kwargs)
+
+
+def __getattr__(name):
+    # The model errors, imported on first use (importing fastdiff does not import torch).
+    if name in ("ModelLoadError", "ModelNotFoundError"):
+        from .models import loading
+
+        return getattr(loading, name)
+    raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")

@@ -82,6 +82,7 @@ def cmd_sample(args) -> int:
         dtype=args.dtype,
         sampler=args.sampler,
         weights=args.weights,
+        allow_pickle=args.allow_pickle,
         backend=args.backend,
         loop=args.loop,
     )
@@ -127,7 +128,9 @@ def cmd_export(args) -> int:
     from .export import ExportError, export_onnx
     from .models.registry import build_engine
 
-    engine = build_engine(args.model, device="cpu", dtype="float32", weights=args.weights)
+    engine = build_engine(
+        args.model, device="cpu", dtype="float32", weights=args.weights, allow_pickle=args.allow_pickle
+    )
     if args.format == "aoti":
         from .aoti import AOTIExportError, export_aoti
         from .plan import StepPlan
@@ -179,7 +182,9 @@ def cmd_calibrate_gate(args) -> int:
     from .calibration.gate import DELTAS, MAX_SKIPS, calibrate_gate
     from .models.registry import build_engine
 
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    engine = build_engine(
+        args.model, device=args.device, dtype=args.dtype, weights=args.weights, allow_pickle=args.allow_pickle
+    )
     decisions = {"both": (False, True), "batch": (False,), "sample": (True,)}[args.decisions]
     result = calibrate_gate(
         engine,
@@ -245,7 +250,9 @@ def _calibration_inputs(args, counts: list[int], option: str):
     out = Path(args.out)
     if len(counts) > 1 and out.suffix == ".json":
         raise ValueError(f"--out {out}: several {option} write one plan each, so --out must be a directory")
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    engine = build_engine(
+        args.model, device=args.device, dtype=args.dtype, weights=args.weights, allow_pickle=args.allow_pickle
+    )
     if args.prompts:
         prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     else:
@@ -349,7 +356,9 @@ def cmd_choose(args) -> int:
     from .calibration.choice import choose_default, save_choice
     from .models.registry import build_engine
 
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype, weights=args.weights)
+    engine = build_engine(
+        args.model, device=args.device, dtype=args.dtype, weights=args.weights, allow_pickle=args.allow_pickle
+    )
     if args.out is None and engine.plans_dir is None:
         raise ValueError(f"{engine.name} has no plans directory: give --out")
     doc = choose_default(engine, args.steps, samples=args.samples, seed=args.seed, reference=args.reference)
@@ -373,7 +382,13 @@ def cmd_distill(args) -> int:
     from .distill import distill_guided
     from .models.registry import build_engine
 
-    engine = build_engine(args.model, device=args.device, dtype=args.dtype or "float32", weights=args.weights)
+    engine = build_engine(
+        args.model,
+        device=args.device,
+        dtype=args.dtype or "float32",
+        weights=args.weights,
+        allow_pickle=args.allow_pickle,
+    )
     if args.stage == "guided":
         result = distill_guided(
             engine,
@@ -512,6 +527,13 @@ def _model_options(p, *, runtime: bool = True) -> None:
         default=None,
         help="the model's weights directory: sd21's diffusers weights or 'random'; a retrained model; or a student "
         "that fastdiff distill wrote",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load pickle weights (*.bin, *.pt, *.ckpt) where a model directory has no safetensors file. "
+        "Risky: loading a pickle file can run arbitrary code, so use it only for files you trust (default: only "
+        "safetensors weights load, and a pickle file is refused with an error naming it)",
     )
     if runtime:
         p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")

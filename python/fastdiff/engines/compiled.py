@@ -4,14 +4,22 @@ Each compiled module keeps, per input signature, one file under the compile cach
 (``$FASTDIFF_CACHE/compile``, default ~/.cache/fastdiff/compile) holding the artefacts that
 torch.compiler.save_cache_artifacts() returns (Inductor's generated code, AOTAutograd
 graphs, autotuning results). The file is named by the module's architecture and the input
-signature, and starts with a header naming the environment it was built in: torch and
-Triton versions and the device (GPU name and compute capability, or the CPU). On the first
-call with a signature the file is loaded when its header matches this environment; a file
-from another torch version or GPU is stale — ignored, the module compiled afresh, and the file
-rewritten — and a file that cannot be read is ignored the same way. Nothing stale is ever
-loaded into torch. Each file holds only what its own first call compiled (torch records the
-artefacts of that compile apart from the rest of the process's); a torch that cannot keep them
-apart gets no file rather than a file holding every module's artefacts.
+signature. Its format (version 2) is one line of magic, ``FASTDIFF-COMPILE-CACHE 2``, a line
+holding the sha256 of the rest of the file, one line of JSON header — the environment it was
+built in (torch and Triton versions and the device: GPU name and compute capability, or the
+CPU), a description and the artefacts' length in bytes — and then the artefacts.
+
+On the first call with a signature the file is loaded when it is intact (the magic, the
+checksum, a header of the right types and the length all match) and its header matches this
+environment. Anything else takes the documented fallback: a file from another torch version or
+GPU, or of another cache format (version 1 files had no checksum), is "stale"; a file that
+cannot be read, is truncated, has a damaged header, does not match its checksum (one flipped
+byte anywhere) or is not a regular file is "corrupt". Either way it is ignored — never handed to
+torch — the module is compiled afresh, the file rewritten, and the event says why. A cache file
+that cannot be written leaves the module compiled but uncached, with a RuntimeWarning. Each
+file holds only what its own first call compiled (torch records the artefacts of that compile
+apart from the rest of the process's); a torch that cannot keep them apart gets no file rather
+than a file holding every module's artefacts.
 
 Shapes are static (`dynamic=False`): every input signature compiles once. Dynamo compiles one
 function at most `torch._dynamo.config.recompile_limit` times (8 by default) and then silently
@@ -38,7 +46,10 @@ import torch
 from ..dtypes import dtype_name
 from ..graphs import signature
 
-MAGIC = b"FASTDIFF-COMPILE-CACHE 1\n"
+FORMAT = 2
+MAGIC = b"FASTDIFF-COMPILE-CACHE %d\n" % FORMAT
+_MAGIC_PREFIX = b"FASTDIFF-COMPILE-CACHE "
+MAX_HEADER_BYTES = 64 * 1024  # a header line is a few hundred bytes; past this the file is damaged
 _FIRST_CALLS = threading.Lock()  # one first call (compile + its artefacts) at a time, process-wide
 
 
@@ -141,6 +152,10 @@ def _describe_signature(sig: tuple) -> str:
     return ";".join(f"{'x'.join(map(str, shape))}:{dtype_name(dtype)}" for shape, dtype, _, _ in sig)
 
 
+class StaleCacheError(ValueError):
+    """A compile cache file of another format version."""
+
+
 class CompileCache:
     """Compile artefacts on disk, one file per (module, architecture, input signature)."""
 
@@ -152,47 +167,98 @@ class CompileCache:
         return self.root / f"{name}-{key}.bin"
 
     @staticmethod
+    def encode(env: dict, description: str, payload: bytes) -> bytes:
+        """The bytes of a cache file holding payload (torch's artefacts) built in env."""
+        header = {"environment": env, "what": description, "bytes": len(payload)}
+        body = json.dumps(header).encode() + b"\n" + payload
+        return MAGIC + b"sha256:" + hashlib.sha256(body).hexdigest().encode() + b"\n" + body
+
+    @staticmethod
     def read(path: Path) -> tuple[dict, bytes]:
-        """(header, artefacts) of a cache file; ValueError when it is not one."""
-        data = path.read_bytes()
+        """(header, artefacts) of an intact cache file of this format; StaleCacheError for a file of
+        another format version, ValueError (corrupt) for anything else."""
+        data = Path(path).read_bytes()
         if not data.startswith(MAGIC):
+            first = data[: len(MAGIC) + 8].partition(b"\n")[0]
+            version = first[len(_MAGIC_PREFIX) :]
+            if first.startswith(_MAGIC_PREFIX) and version.isdigit() and int(version) != FORMAT:
+                raise StaleCacheError(f"cache format {version.decode()}, this fastdiff reads format {FORMAT}")
             raise ValueError("not a fastdiff compile cache file")
-        header_line, sep, payload = data[len(MAGIC) :].partition(b"\n")
-        if not sep:
-            raise ValueError("truncated header")
-        header = json.loads(header_line)
-        if not isinstance(header, dict) or header.get("bytes") != len(payload):
-            raise ValueError("truncated or corrupt artefacts")
+        digest_line, sep, body = data[len(MAGIC) :].partition(b"\n")
+        digest = digest_line.removeprefix(b"sha256:")
+        if not sep or len(digest) != 64 or digest_line == digest:
+            raise ValueError("truncated or damaged checksum line")
+        end = body.find(b"\n", 0, MAX_HEADER_BYTES + 1)
+        if end < 0:
+            raise ValueError("truncated or oversized header")
+        payload = body[end + 1 :]
+        try:
+            header = json.loads(body[:end])
+        except RecursionError as exc:
+            raise ValueError("header nested too deeply") from exc
+        except ValueError as exc:
+            raise ValueError(f"damaged header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise ValueError(f"header is a {type(header).__name__}, not an object")
+        size = header.get("bytes")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"header 'bytes' is {size!r}, not a length")
+        if size != len(payload):
+            raise ValueError(f"truncated or corrupt artefacts: {len(payload)} bytes, the header says {size}")
+        if hashlib.sha256(body).hexdigest().encode() != digest:
+            raise ValueError("the header and artefacts do not match their sha256 (a damaged file)")
+        if not isinstance(header.get("environment"), dict) or not isinstance(header.get("what"), str):
+            raise ValueError("header 'environment' or 'what' has the wrong type")
         return header, payload
 
     def load(self, path: Path, env: dict) -> tuple[str, str]:
-        """Load the artefacts in `path` into torch when they were built here. Returns (status,
-        detail): "loaded", "missing", "stale" (another environment) or "corrupt"."""
-        if not path.is_file():
+        """Load the artefacts in `path` into torch when the file is intact and was built here.
+        Returns (status, detail): "loaded", "missing", "stale" (another environment or cache
+        format) or "corrupt" (anything else); only "loaded" hands anything to torch."""
+        path = Path(path)
+        if not os.path.lexists(path):
             return "missing", str(path)
+        if not path.is_file():
+            return "corrupt", f"{path}: not a regular file; ignored, rebuilding"
         try:
             header, payload = self.read(path)
+        except StaleCacheError as exc:
+            return "stale", f"{path}: {exc}; ignored, rebuilding"
         except (OSError, ValueError) as exc:
             return "corrupt", f"{path}: {exc}; ignored, rebuilding"
-        built = header.get("environment")
+        built = header["environment"]
         if built != env:
             return "stale", f"{path} was built with {built}, this is {env}; ignored, rebuilding"
-        torch.compiler.load_cache_artifacts(payload)
+        try:
+            torch.compiler.load_cache_artifacts(payload)
+        except Exception as exc:  # noqa: BLE001 - torch's own deserialisation of intact bytes
+            return "corrupt", f"{path}: torch could not load its artefacts ({type(exc).__name__}: {exc}); rebuilding"
         return "loaded", str(path)
 
     def save(self, path: Path, env: dict, description: str) -> bool:
         """Write the artefacts this process has compiled so far (atomically); False when torch
-        has none to give."""
+        has none to give or the file cannot be written (a RuntimeWarning says why)."""
         saved = torch.compiler.save_cache_artifacts()
         if not saved or not saved[0]:
             return False
-        payload = saved[0]
-        header = {"environment": env, "what": description, "bytes": len(payload)}
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + json.dumps(header).encode() + b"\n" + payload)
-        os.replace(tmp, path)
+        path = Path(path)
+        tmp = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.encode(env, description, saved[0]))
+            os.replace(tmp, path)
+        except OSError as exc:
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
+            warnings.warn(
+                f"fastdiff: could not write the compile cache file {path} ({exc}); the module is compiled "
+                "but its artefacts are not cached",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
         return True
 
 

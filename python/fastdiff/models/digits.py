@@ -14,8 +14,17 @@ import torch
 
 from ..engines.components import ClassConditioner, PixelDecoder
 from ..engines.engine import Engine
-from ..schedules import DiscreteSchedule
-from .loading import ModelNotFoundError, engines_dir, model_info, need, student_conditioner, student_options
+from .loading import (
+    ModelLoadError,
+    ModelNotFoundError,
+    engines_dir,
+    load_model_component,
+    load_schedule,
+    model_info,
+    need,
+    student_conditioner,
+    student_options,
+)
 
 CLASS_NAMES = [str(d) for d in range(10)]
 NULL_CLASS = 10
@@ -83,14 +92,20 @@ def load_classifier(path: Path) -> DigitsClassifier:
     if not file.is_file():
         raise ModelNotFoundError(f"digits classifier weights missing: {file}")
     model = DigitsClassifier()
-    model.load_state_dict(load_file(file))
+    try:
+        model.load_state_dict(load_file(file))
+    except Exception as exc:  # safetensors and torch raise several types for a damaged or mismatched file
+        raise ModelLoadError(f"{file} cannot be loaded as the digits classifier: {exc}") from exc
     return model.eval()
 
 
-def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
+def load_engine(
+    weights=None, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, **engine_options
+) -> Engine:
     """digits from engines/digits, or from weights (a directory that training or `fastdiff distill`
     wrote: a guidance-distilled student takes the guidance weight as an input); engine_options
-    (sampler, backend, ...) go to the Engine."""
+    (sampler, backend, ...) go to the Engine. The directory is loaded strictly (ModelLoadError
+    naming what is damaged); allow_pickle: also load a pickle unet/diffusion_pytorch_model.bin."""
     diffusers = need("diffusers", "the digits model")
     path = Path(weights) if weights else engines_dir() / "digits"
     if not (path / "unet" / "config.json").is_file():
@@ -98,7 +113,10 @@ def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **eng
             f"digits weights missing from {path}: re-clone the repository, or retrain with "
             f"`python -m fastdiff.models.train digits --out {path}`"
         )
-    unet = diffusers.UNet2DModel.from_pretrained(path / "unet", torch_dtype=dtype).to(device).eval()
+    info = model_info(path)
+    schedule = load_schedule(path / "scheduler")
+    unet = load_model_component(path / "unet", diffusers.UNet2DModel, dtype, allow_pickle=allow_pickle)
+    unet = unet.to(device)
     conditioner = student_conditioner(
         path, ClassConditioner(CLASS_NAMES, NULL_CLASS), unet, device=torch.device(device), dtype=dtype
     )
@@ -107,11 +125,11 @@ def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **eng
         unet=unet,
         conditioner=conditioner,
         decoder=PixelDecoder(1),
-        schedule=DiscreteSchedule.from_file(path / "scheduler"),
+        schedule=schedule,
         sample_size=UNET_CONFIG["sample_size"],
         device=device,
         dtype=dtype,
-        guidance_scale=model_info(path).get("default_guidance_scale", DEFAULT_GUIDANCE),
+        guidance_scale=info.get("default_guidance_scale", DEFAULT_GUIDANCE),
         plans_dir=path / "plans",
         **student_options(path),
         **engine_options,

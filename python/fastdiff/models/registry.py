@@ -27,6 +27,7 @@ def build_engine(
     backend: str = "auto",
     sampler: str = "auto",
     weights: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
     **engine_options,
 ) -> Engine:
     """An Engine for a named model or a diffusers Stable Diffusion directory.
@@ -40,16 +41,24 @@ def build_engine(
     e.g. loop="auto" | "reference" | "graph" | "cpp" (`fastdiff.loops`). sampler: the default of
     engine.sample; "auto" is the best plan the model ships for the step count (a searched "usf"
     plan, else "olss", else DPM-Solver++(2M)).
+
+    Model directories are loaded strictly: a damaged or inconsistent one raises ModelLoadError
+    naming the file and what is wrong (never a silently random weight). Weights load from
+    safetensors files only; allow_pickle=True also loads pickle weights (*.bin, *.pt, *.ckpt) where
+    no safetensors file is: loading a pickle file can run arbitrary code, so pass it only for files
+    you trust.
     """
     device = default_device(device)
     dtype = default_dtype(dtype, device)
     engine_options = {"backend": backend, "sampler": sampler, **engine_options}
     name = os.fspath(model)
     if name in MODELS:
-        return MODELS[name](weights, device=device, dtype=dtype, **engine_options)
+        return MODELS[name](weights, device=device, dtype=dtype, allow_pickle=allow_pickle, **engine_options)
     path = Path(name)
     if path.is_dir():
-        return pipeline_engine(path, name=path.name, device=device, dtype=dtype, **engine_options)
+        return pipeline_engine(
+            path, name=path.name, device=device, dtype=dtype, allow_pickle=allow_pickle, **engine_options
+        )
     raise ModelNotFoundError(
         f"unknown model {name!r}: expected one of {', '.join(KNOWN_MODELS)} or a diffusers model directory"
     )

@@ -79,9 +79,12 @@ def build_random_components(device, dtype):
     return tokenizer, text_encoder.to(dtype).eval(), unet.to(dtype).eval(), vae.to(dtype).eval()
 
 
-def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
+def load_engine(
+    weights=None, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, **engine_options
+) -> Engine:
     """SD 2.1 from weights (a diffusers directory), else the local Hugging Face cache; weights="random"
-    builds the architecture with random weights. engine_options (sampler, backend, ...) go to the Engine."""
+    builds the architecture with random weights. engine_options (sampler, backend, ...) go to the Engine.
+    allow_pickle: also load pickle weights (*.bin) where no safetensors file is (fastdiff.models.loading)."""
     if weights is None:
         weights = sd21_local()
         if weights is None:
@@ -104,5 +107,5 @@ def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **eng
     path = Path(weights)
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(f"{path} is not a diffusers model directory (no model_index.json). {HOW_TO_PROVIDE}")
-    pipe = load_sd_pipeline(path, device, dtype)
+    pipe = load_sd_pipeline(path, device, dtype, allow_pickle=allow_pickle)
     return Engine.from_pipeline(pipe, name="sd21", guidance_scale=GUIDANCE, **engine_options)

@@ -136,16 +136,21 @@ def save_pipeline(components: Components, out: Path, *, dtype=torch.float16, inf
     return Path(out)
 
 
-def load_engine(weights=None, *, device: torch.device, dtype: torch.dtype, **engine_options) -> Engine:
+def load_engine(
+    weights=None, *, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False, **engine_options
+) -> Engine:
     """tiny-shapes from engines/tiny-shapes, or from weights (a directory that save_pipeline wrote);
-    engine_options (sampler, backend, ...) go to the Engine."""
+    engine_options (sampler, backend, ...) go to the Engine. allow_pickle: also load pickle
+    weights (*.bin) where no safetensors file is (fastdiff.models.loading)."""
     path = Path(weights) if weights else engines_dir() / "tiny-shapes"
     if not (path / "model_index.json").is_file():
         raise ModelNotFoundError(
             f"tiny-shapes weights missing from {path}: re-clone the repository, or retrain with "
             f"`python -m fastdiff.models.train tiny-shapes --out {path}`"
         )
-    return pipeline_engine(path, name="tiny-shapes", device=device, dtype=dtype, **engine_options)
+    return pipeline_engine(
+        path, name="tiny-shapes", device=device, dtype=dtype, allow_pickle=allow_pickle, **engine_options
+    )
 
 
 def calibration_prompts(count: int, seed: int = 0) -> list[str]:
