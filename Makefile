@@ -11,13 +11,14 @@ PIP := $(PY) -m pip
 BUILD_DIR ?= build/cmake
 JOBS ?= 2
 
-.PHONY: demo serve test test-reliability test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
+.PHONY: demo serve test test-reliability test-sanitize test-python test-cpp cpp-build check-cuda aoti-package install torch bench bench-check bench-baseline bench-gpu clean help
 
 help:
 	@echo "make demo   - install and run the demo"
 	@echo "make serve  - install and serve tiny-shapes over HTTP on a local Ray instance (fastdiff serve)"
 	@echo "make test   - install test extras, run C++ (ctest) and Python (pytest) tests, and check-cuda"
-	@echo "make test-reliability - the reliability suite (fuzzed files through both readers), with its counts"
+	@echo "make test-reliability - the whole reliability suite (fuzzed files, faults, kill/resume, load), with its counts table"
+	@echo "make test-sanitize - the C++ core, service and _C binding built with ASan+UBSan (build/sanitize): ctests, the binding's and the service's tests"
 	@echo "make check-cuda - compile the CUDA runner example against CUDA 12.3/12.4/13 headers and for sm_80/sm_90 (no GPU)"
 	@echo "make bench  - run the CPU benchmark suites, write JSON and the report"
 	@echo "make bench-check - run the benchmark subset marked 'check' and compare it with this machine class's baseline"
@@ -51,12 +52,14 @@ demo: install
 serve: install
 	$(PY) -m fastdiff.cli serve --model tiny-shapes
 
-# The reliability suite (tests/reliability, also part of `make test`): fuzzed files through both
-# readers, counted; the counts are printed from build/reliability/*.json.
-test-reliability: install
+# The reliability suite (tests/reliability, also part of `make test`): fuzzed and corrupt files,
+# numerical faults, kill/resume, concurrency; each module records its counts in build/reliability/,
+# and tests/reliability/counts.py prints them as one table (the README's).
+test-reliability: cpp-build
 	rm -rf build/reliability
-	FASTDIFF_RELIABILITY_OUT=build/reliability $(PY) -m pytest -q -m reliability tests/reliability
-	@$(PY) -c "import json, pathlib; [print(p.stem, json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k not in ('per_category', 'results')})) for p in sorted(pathlib.Path('build/reliability').glob('*.json'))]"
+	FASTDIFF_RELIABILITY_OUT=build/reliability FASTDIFF_RELIABILITY_FULL=1 \
+	  $(PY) -m pytest -q -m reliability tests/reliability
+	@$(PY) -m tests.reliability.counts build/reliability
 
 # The C++ tests. With torch importable (always after `install`) they include the libtorch parts:
 # the AOTI engine and the service example, run on an AOTInductor package of tiny-shapes that is
@@ -78,6 +81,18 @@ cpp-build: aoti-package
 
 test-cpp: cpp-build
 	cd $(BUILD_DIR) && ctest --output-on-failure
+
+# The sanitizer run (csrc/tools/sanitize.sh; CI runs it after `make test`): everything C++ built
+# with AddressSanitizer + UBSan (FASTDIFF_SANITIZE=ON) in build/sanitize, its _C module in
+# build/sanitize/python (the installed python/fastdiff/_C is untouched); then the ctests (core and
+# the service on the AOTI package), and pytest with the ASan runtime preloaded: the binding's tests
+# (the fuzzed plan files, the cpp loop) on that _C and the service's (the corrupt AOTI packages) on
+# the sanitized service. Any sanitizer report fails it. About 11.5 minutes on 2 cores.
+SANITIZE_DIR ?= build/sanitize
+
+test-sanitize: aoti-package
+	PYTHON=$(PY) BUILD_DIR=$(SANITIZE_DIR) JOBS=$(JOBS) TORCH_PREFIX="$(TORCH_PREFIX)" \
+	  AOTI_PACKAGE="$(abspath $(AOTI_PACKAGE))" csrc/tools/sanitize.sh
 
 # The CUDA runner example compiled for every CUDA version it claims, without a GPU: its host side
 # with g++ -Werror against the CUDA 13 headers and the CUDA 12.3/12.4 runtime headers from PyPI
