@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from fastdiff.files import atomic_write
+
 COLUMNS = ("cases", "bad_inputs", "clear_errors", "loads", "crashes", "silent_loads", "hangs", "identical")
 
 
@@ -42,10 +44,7 @@ def record(suite: str, title: str, **counts) -> dict:
         elif key not in COLUMNS:
             doc[key] = value
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(doc, indent=1) + "\n")
     return doc
 
 

@@ -85,15 +85,10 @@ class TrainingRun:
         path = self.directory / "log.jsonl"
         if not path.is_file():
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # cut by a kill
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                kept.append(line)
-        atomic_write(path, "".join(f"{line}\n" for line in kept))
+        kept = [
+            r for r in self.losses() if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step
+        ]
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))  # as log() writes them
 
     def last_loss(self) -> float:
         """The last logged loss (NaN when none): a run resumed at its end reports what it ended with."""

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ..dtypes import dtype_name
+from ..files import atomic_write
 from ..graphs import signature
 
 FORMAT = 2
@@ -242,16 +242,9 @@ class CompileCache:
         if not saved or not saved[0]:
             return False
         path = Path(path)
-        tmp = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=path.name, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.encode(env, description, saved[0]))
-            os.replace(tmp, path)
+            atomic_write(path, self.encode(env, description, saved[0]))
         except OSError as exc:
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
             warnings.warn(
                 f"fastdiff: could not write the compile cache file {path} ({exc}); the module is compiled "
                 "but its artefacts are not cached",
